@@ -1,0 +1,265 @@
+"""The params schema: `params.yaml` parsed once into frozen dataclasses, validated once.
+
+Every field below is a key of `params.yaml`. Unknown keys, wrong types and out-of-range values
+fail before any work, with one line naming the key path, e.g.
+`student.ikl.alpha: expected a number >= 0, got 'x'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from pipeline.errors import UserError
+
+
+class ParamsError(UserError):
+    """A bad value in params.yaml; the message names the key path."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Field helpers: a rule pairs the description of a good value with a test for it.
+
+Rule = tuple[str, Callable[[Any], bool]]  # (what a good value is, test for it)
+
+
+def _param(default: Any, rule: Rule | None = None) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: typing.cast(Any, default).copy(),
+                     metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
+def at_least(low: float) -> Rule:
+    return f">= {low:g}", lambda value: value >= low
+
+
+def above(low: float) -> Rule:
+    return f"> {low:g}", lambda value: value > low
+
+
+def between(low: float, high: float) -> Rule:
+    return f"in [{low:g}, {high:g}]", lambda value: low <= value <= high
+
+
+def one_of(*choices: str) -> Rule:
+    return "(one of " + ", ".join(choices) + ")", lambda value: value in choices
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+DATA_SOURCES = ("digits_lt", "split_lists", "cifar10_lt", "cifar100_lt", "image_folder")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """`data`: which source becomes WebDataset shards, and how."""
+
+    source: str = _param("digits_lt", one_of(*DATA_SOURCES))
+    root: str = ""  # split_lists, cifar*_lt (folder or .tar.gz), image_folder
+    train_list: str = ""  # split_lists: one `relative/path label` per line
+    val_list: str = ""
+    test_list: str = ""
+    num_classes: int = _param(0, at_least(0))  # split_lists: 0 infers max train label + 1
+    imbalance_ratio: float = _param(10.0, at_least(1.0))  # rho of n_i = n_max * rho^(-i/(C-1))
+    image_size: int = _param(32, at_least(8))  # digits_lt: side of the upscaled RGB image
+    val_per_class: int = _param(20, at_least(0))  # digits_lt, image_folder: balanced held-out
+    test_per_class: int = _param(50, at_least(1))
+    max_side: int = _param(0, at_least(0))  # re-encode larger images to this side; 0 keeps bytes
+    jpeg_quality: int = _param(90, between(1, 100))  # used only when re-encoding
+    skip_bad_images: bool = False  # skip (and record) unreadable images instead of failing
+    shard_size: int = _param(256, at_least(1))
+    workers: int = _param(2, at_least(0))  # encoding processes; 0 encodes in this process
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """How one model trains: a teacher (`teachers.NAME`) or the student."""
+
+    arch: str = "resnet18"  # a name from pipeline.models (unknown names list the known ones)
+    small_input: bool = False  # 3x3 stem, no max-pool: for 32 px images
+    image_size: int = _param(224, at_least(8))  # side of the crop the model sees
+    epochs: int = _param(90, at_least(1))
+    batch_size: int = _param(128, at_least(1))
+    lr: float = _param(0.05, above(0))
+    momentum: float = _param(0.9, between(0, 1))
+    weight_decay: float = _param(5e-4, at_least(0))
+    warmup_epochs: int = _param(0, at_least(0))  # linear warm-up, then cosine to zero
+    workers: int = _param(2, at_least(0))  # DataLoader processes
+
+
+@dataclass(frozen=True)
+class LogitsParams:
+    """`logits`: what stage one caches for every train row."""
+
+    views: int = _param(8, at_least(1))  # V seeded views per row
+    topk: int = _param(5, at_least(1))  # k logits kept per view (k = C keeps them all)
+    image_size: int = _param(224, at_least(8))  # the teacher's input side
+    batch_size: int = _param(256, at_least(1))
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction range
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # and aspect ratio range
+    flip_probability: float = _param(0.5, between(0, 1))
+    prior_temperatures: tuple[float, ...] = (1.0,)  # class priors (IKL's GI) to store
+
+
+@dataclass(frozen=True)
+class KLParams:
+    temperature: float = _param(1.0, above(0))
+    weight: float = _param(1.0, at_least(0))
+
+
+@dataclass(frozen=True)
+class IKLParams:
+    alpha: float = _param(1.0, at_least(0))  # soft-label CE weight
+    beta: float = _param(1.0, at_least(0))  # weighted MSE of pairwise logit differences
+    temperature: float = _param(1.0, above(0))
+    weight_temperature: float = _param(100.0, above(0))  # T2 of softmax(teacher / T2) weights
+    weights: str = _param("sample", one_of("sample", "class_prior"))  # class_prior = GI
+    gamma: float = _param(1.0, above(0))
+    normalize: bool = False  # divide wMSE by sum(w w^T): the generalised variant
+
+
+@dataclass(frozen=True)
+class StudentParams(TrainParams):
+    """`student`: a TrainParams plus where its teacher logits come from and the loss."""
+
+    teacher: str = "teacher"  # a key of `teachers`: whose logit store to train against
+    loss: str = _param("ikl", one_of("ce", "kl", "ikl"))
+    ce_weight: float = _param(1.0, at_least(0))  # weight of CE on the label
+    kl: KLParams = field(default_factory=KLParams)
+    ikl: IKLParams = field(default_factory=IKLParams)
+    views_per_decode: int = _param(1, at_least(1))  # m views of each decoded image per step
+    online_teacher: bool = False  # run the teacher live instead of reading the cache
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """`evaluate`: long-tail groups by train count: many > many_above >= medium >= few_below
+    > few."""
+
+    many_above: int = _param(100, at_least(0))
+    few_below: int = _param(20, at_least(0))
+    batch_size: int = _param(256, at_least(1))
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml."""
+
+    seed: int = _param(0, at_least(0))
+    data: DataParams = field(default_factory=DataParams)
+    teachers: dict[str, TrainParams] = field(
+        default_factory=lambda: {"teacher": TrainParams()})
+    logits: LogitsParams = field(default_factory=LogitsParams)
+    student: StudentParams = field(default_factory=StudentParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate params.yaml; raises ParamsError naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found; pass --params with its path")
+    with path.open() as stream:
+        raw = yaml.safe_load(stream) or {}
+    return check_consistency(parse(Params, raw, ""))
+
+
+def check_consistency(params: Params) -> Params:
+    """Checks that involve more than one key."""
+    if params.student.teacher not in params.teachers:
+        raise ParamsError(f"student.teacher: {params.student.teacher!r} is not a key of "
+                          f"teachers (known: {', '.join(params.teachers)})")
+    for key, (low, high) in (("crop_scale", params.logits.crop_scale),
+                             ("crop_ratio", params.logits.crop_ratio)):
+        if not 0 < low <= high:
+            raise ParamsError(f"logits.{key}: expected [low, high] with 0 < low <= high, "
+                              f"got {[low, high]}")
+    if params.evaluate.few_below > params.evaluate.many_above:
+        raise ParamsError("evaluate.few_below: expected <= evaluate.many_above, got "
+                          f"{params.evaluate.few_below} > {params.evaluate.many_above}")
+    ikl = params.student.ikl
+    if (params.student.loss == "ikl" and ikl.weights == "class_prior"
+            and ikl.weight_temperature not in params.logits.prior_temperatures):
+        raise ParamsError(f"student.ikl.weight_temperature: {ikl.weight_temperature:g} has no "
+                          "stored class prior; add it to logits.prior_temperatures")
+    return params
+
+
+def parse(cls: type, raw: Any, key_path: str) -> Any:
+    """Build dataclass `cls` from a plain mapping, checking keys, types and ranges."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{key_path or 'params'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{key_path}.{unknown[0]}" if key_path else unknown[0]
+        raise ParamsError(f"{where}: unknown key (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        child_path = f"{key_path}.{name}" if key_path else name
+        hint, rule = hints[name], fields[name].metadata.get("rule")
+        if hint in (bool, int, float, str):
+            values[name] = _scalar(hint, value)
+            if values[name] is None or (rule and not rule[1](values[name])):
+                wanted = _describe(hint) + (f" {rule[0]}" if rule else "")
+                raise ParamsError(f"{child_path}: expected {wanted}, got {value!r}")
+        else:
+            values[name] = _convert(hint, value, child_path)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key_path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, key_path)
+    if origin is dict:
+        _, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict) or not value:
+            raise ParamsError(f"{key_path}: expected a non-empty mapping, got {value!r}")
+        return {str(k): _convert(value_hint, v, f"{key_path}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        item_hints = typing.get_args(hint)
+        if item_hints[-1] is Ellipsis:  # tuple[float, ...]: any length but empty
+            item_hints = item_hints[:1] * len(value) if isinstance(value, list) else ()
+        if not isinstance(value, (list, tuple)) or not value or len(value) != len(item_hints):
+            count = len(item_hints) or "some"
+            raise ParamsError(f"{key_path}: expected a list of {count} numbers, got {value!r}")
+        return tuple(_convert(h, v, key_path) for h, v in zip(item_hints, value))
+    if hint in (bool, int, float, str):
+        converted = _scalar(hint, value)
+        if converted is None:
+            raise ParamsError(f"{key_path}: expected {_describe(hint)}, got {value!r}")
+        return converted
+    raise TypeError(f"{key_path}: unsupported params type {hint}")  # a schema bug, not user's
+
+
+def _scalar(hint: type, value: Any) -> Any:
+    """`value` as type `hint`, or None when it is not one (ints are accepted as floats)."""
+    if hint is bool:
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if hint is float and isinstance(value, (int, float)):
+        return float(value)
+    return value if isinstance(value, hint) else None
+
+
+def _describe(hint: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}[hint]
+
+
+def to_dict(params: Any) -> dict:
+    """Plain-data form of a params dataclass (for checkpoints and store attributes)."""
+    return dataclasses.asdict(params)

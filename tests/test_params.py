@@ -1,0 +1,58 @@
+import pytest
+import yaml
+
+from pipeline.params import Params, ParamsError, load_params, parse
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_params_parse():
+    params = load_params("params.yaml")
+    assert params.data.source == "digits_lt"
+    assert params.student.teacher in params.teachers
+
+
+def test_defaults_fill_missing_sections():
+    params = parse(Params, {}, "")
+    assert params.seed == 0 and params.student.ikl.weight_temperature == 100.0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data: {foo: 1}", "data.foo: unknown key"),
+    ("bogus: 1", "bogus: unknown key"),
+    ("student: {ikl: {alpha: x}}", "student.ikl.alpha: expected a number >= 0, got 'x'"),
+    ("student: {ikl: {alpha: -1}}", "student.ikl.alpha: expected a number >= 0, got -1"),
+    ("data: {shard_size: 0}", "data.shard_size: expected an integer >= 1, got 0"),
+    ("data: {shard_size: 2.5}", "data.shard_size: expected an integer >= 1, got 2.5"),
+    ("data: {source: imagenet}", "data.source: expected a string (one of digits_lt"),
+    ("data: {skip_bad_images: 1}", "data.skip_bad_images: expected true or false, got 1"),
+    ("teachers: {t: {epochs: 0}}\nstudent: {teacher: t}",
+     "teachers.t.epochs: expected an integer >= 1, got 0"),
+    ("teachers: {}", "teachers: expected a non-empty mapping"),
+    ("student: {teacher: nobody}", "student.teacher: 'nobody' is not a key of teachers"),
+    ("logits: {crop_scale: [0.5]}", "logits.crop_scale: expected a list of 2 numbers"),
+    ("logits: {crop_scale: [0.9, 0.1]}", "logits.crop_scale: expected [low, high]"),
+    ("student: {ikl: {weights: class_prior, weight_temperature: 3}}",
+     "student.ikl.weight_temperature: 3 has no stored class prior"),
+    ("data: 5", "data: expected a mapping, got 5"),
+])
+def test_bad_params_name_the_key(tmp_path, text, message):
+    with pytest.raises(ParamsError) as error:
+        load_params(write(tmp_path, text))
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_params_are_frozen():
+    params = parse(Params, yaml.safe_load("seed: 3"), "")
+    with pytest.raises(AttributeError):
+        params.seed = 4
