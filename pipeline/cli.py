@@ -25,3 +25,12 @@ def run_stage(main):
             raise click.ClickException(str(error)) from None
 
     return wrapper
+
+
+def _register_commands() -> None:
+    from pipeline.inspect import inspect_command
+
+    cli.add_command(inspect_command, name="inspect")
+
+
+_register_commands()

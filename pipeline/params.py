@@ -95,6 +95,16 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class AugmentParams:
+    """`augment`: the training crops, for teachers, the logit dump and students alike (the
+    student replays exactly the crops its teacher's logits were computed on)."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction range
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # and aspect ratio (width / height) range
+    flip_probability: float = _param(0.5, between(0, 1))
+
+
+@dataclass(frozen=True)
 class LogitsParams:
     """`logits`: what stage one caches for every train row."""
 
@@ -102,9 +112,6 @@ class LogitsParams:
     topk: int = _param(5, at_least(1))  # k logits kept per view (k = C keeps them all)
     image_size: int = _param(224, at_least(8))  # the teacher's input side
     batch_size: int = _param(256, at_least(1))
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction range
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # and aspect ratio range
-    flip_probability: float = _param(0.5, between(0, 1))
     prior_temperatures: tuple[float, ...] = (1.0,)  # class priors (IKL's GI) to store
 
 
@@ -156,6 +163,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     teachers: dict[str, TrainParams] = field(
         default_factory=lambda: {"teacher": TrainParams()})
+    augment: AugmentParams = field(default_factory=AugmentParams)
     logits: LogitsParams = field(default_factory=LogitsParams)
     student: StudentParams = field(default_factory=StudentParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
@@ -179,10 +187,10 @@ def check_consistency(params: Params) -> Params:
     if params.student.teacher not in params.teachers:
         raise ParamsError(f"student.teacher: {params.student.teacher!r} is not a key of "
                           f"teachers (known: {', '.join(params.teachers)})")
-    for key, (low, high) in (("crop_scale", params.logits.crop_scale),
-                             ("crop_ratio", params.logits.crop_ratio)):
+    for key, (low, high) in (("crop_scale", params.augment.crop_scale),
+                             ("crop_ratio", params.augment.crop_ratio)):
         if not 0 < low <= high:
-            raise ParamsError(f"logits.{key}: expected [low, high] with 0 < low <= high, "
+            raise ParamsError(f"augment.{key}: expected [low, high] with 0 < low <= high, "
                               f"got {[low, high]}")
     if params.evaluate.few_below > params.evaluate.many_above:
         raise ParamsError("evaluate.few_below: expected <= evaluate.many_above, got "

@@ -1,0 +1,119 @@
+"""Stage one's dump: every train row, V seeded views, the teacher's top-k logits, into the
+teacher's Zarr store (contract: shared/DESIGN.md and pipeline/store.py).
+
+Per WebDataset shard: decode each image once, draw its V views from (seed, view, row), run the
+teacher (eval mode, no gradients) on each view, keep the top-k raw logits, their classes and
+the log-sum-exp over all classes, and add the full logits to the exact class priors. A shard is
+written whole, marker last, so a rerun after a crash skips complete shards and rewrites a
+partial one. The store is marked complete only after every shard and the priors are written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from pipeline.augment import apply_view, draw_views, normalize
+from pipeline.distill import crop_spec, file_sha256, load_model
+from pipeline.errors import UserError
+from pipeline.losses import ClassPriorAccumulator
+from pipeline.params import Params
+from pipeline.shards import load_manifest
+from pipeline.store import (class_id_dtype, completed_shards, create_store, drop_prior_partials,
+                            finalize_store, reduce_prior_partials, write_prior_partials,
+                            write_shard)
+from pipeline.stream import Shard, decode, split_shards
+from pipeline.train import device_for_training
+
+
+def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: str,
+                store_path: str, *, rank: int = 0, world_size: int = 1) -> None:
+    """Fill `store_path` with `teacher_name`'s logits on every train row (this rank's shards:
+    index % world_size == rank)."""
+    manifest = load_manifest(shards_dir)
+    shards = split_shards(shards_dir, manifest, "train")
+    settings, spec = params.logits, crop_spec(params.augment)
+    num_classes = manifest["num_classes"]
+    if settings.topk > num_classes:
+        raise UserError(f"logits.topk: {settings.topk} exceeds the {num_classes} classes")
+    device = device_for_training()
+    teacher, state = load_model(checkpoint)
+    teacher = teacher.to(device)
+    attributes = {
+        "teacher_name": teacher_name, "teacher_arch": state["arch"],
+        "teacher_sha256": file_sha256(checkpoint), "teacher_image_size": settings.image_size,
+        "fingerprint": manifest["fingerprint"], "class_names": manifest["class_names"],
+        "augmentation": spec.as_dict(), "seed": params.seed,
+    }
+    group = create_store(store_path, rows=manifest["splits"]["train"]["rows"],
+                         views=settings.views, topk=settings.topk, num_classes=num_classes,
+                         shard_rows=shards[0].stop - shards[0].start, attributes=attributes)
+    done = completed_shards(group)
+    todo = [i for i in range(len(shards)) if i % world_size == rank and i not in done]
+    for index in tqdm(todo, desc=f"dump {teacher_name}", unit="shard"):
+        _dump_shard(group, index, shards[index], teacher, params, device)
+    if world_size == 1:
+        finish_store(group)
+
+
+def finish_store(group) -> None:
+    """Exact class priors from all shards' partial sums, then the completion flag (last)."""
+    finalize_store(group, reduce_prior_partials(group))
+    drop_prior_partials(group)
+
+
+def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, device) -> None:
+    settings = params.logits
+    samples = list(wds.WebDataset(shard.url, shardshuffle=False))
+    metas = [json.loads(sample["json"]) for sample in samples]
+    images = [decode(sample) for sample in samples]  # decoded once, cropped V times
+    rows = np.array([meta["row"] for meta in metas])
+    labels = np.array([meta["label"] for meta in metas])
+    if not np.array_equal(rows, np.arange(shard.start, shard.stop)):
+        raise UserError(f"{shard.url}: rows {rows[:3]}... do not match the manifest range "
+                        f"[{shard.start}, {shard.stop}); rerun prepare")
+    heights = [image.shape[1] for image in images]
+    widths = [image.shape[2] for image in images]
+    boxes, flips = draw_views(params.seed, settings.views, rows, heights, widths,
+                              spec=crop_spec(params.augment))  # (V, n, 4), (V, n)
+    num_classes = group.attrs["num_classes"]
+    priors = {t: ClassPriorAccumulator(num_classes, weight_temperature=t)
+              for t in settings.prior_temperatures}
+    out = {"topk_logits": [], "topk_classes": [], "logsumexp": []}
+    for view in range(settings.views):
+        logits = _teacher_logits(teacher, images, boxes[view], flips[view], settings, device)
+        bad = ~torch.isfinite(logits).all(dim=1)
+        if bad.any():
+            row = int(rows[bad.nonzero()[0, 0]])
+            raise UserError(f"teacher logits are NaN or Inf at row {row}, view {view} "
+                            f"({shard.url}); check the teacher checkpoint")
+        top = logits.topk(settings.topk, dim=1)  # sorted, descending
+        out["topk_logits"].append(top.values.half().numpy())
+        out["topk_classes"].append(top.indices.numpy().astype(class_id_dtype(num_classes)))
+        out["logsumexp"].append(torch.logsumexp(logits, dim=1).numpy())
+        for accumulator in priors.values():
+            accumulator.update(logits, torch.from_numpy(labels))
+    counts = next(iter(priors.values())).counts.numpy()
+    write_prior_partials(group, index, {t: a.sums.numpy() for t, a in priors.items()}, counts)
+    write_shard(group, index, **{k: np.stack(v) for k, v in out.items()}, boxes=boxes,
+                flips=flips, labels=labels)
+
+
+@torch.no_grad()
+def _teacher_logits(teacher, images, boxes, flips, settings, device) -> torch.Tensor:
+    """(n, C) float32 logits of one view of every image, in batches."""
+    cuda = device.type == "cuda"
+    chunks = []
+    for start in range(0, len(images), settings.batch_size):
+        stop = start + settings.batch_size
+        crops = torch.stack([apply_view(image, box, bool(flip), settings.image_size)
+                             for image, box, flip in zip(images[start:stop], boxes[start:stop],
+                                                         flips[start:stop])])
+        batch = normalize(crops.to(device, non_blocking=True))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            chunks.append(teacher(batch).float().cpu())
+    return torch.cat(chunks)

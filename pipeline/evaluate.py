@@ -1,0 +1,107 @@
+"""Evaluation: top-1/top-5 and the long-tail view (many / medium / few-shot accuracy and
+per-class accuracy against the number of training images of each class)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from pipeline.augment import normalize
+from pipeline.errors import UserError
+from pipeline.params import EvaluateParams
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable[dict], device: torch.device):
+    """Logits (N, C) float32 and labels (N,) for every sample of `batches`, on the CPU."""
+    was_training = model.training
+    model.eval()
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    all_logits, all_labels = [], []
+    for batch in batches:
+        images = normalize(batch["images"].to(device, non_blocking=True))
+        if cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            all_logits.append(model(images).float().cpu())
+        all_labels.append(batch["labels"])
+    model.train(was_training)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Percentage of samples whose label is among the k largest logits."""
+    top = logits.topk(k, dim=1).indices  # (N, k)
+    return 100.0 * (top == labels[:, None]).any(dim=1).float().mean().item()
+
+
+def long_tail_report(logits: torch.Tensor, labels: torch.Tensor, train_counts: list[int],
+                     settings: EvaluateParams) -> tuple[dict, list[dict]]:
+    """Metrics (top1, top5, many/medium/few top-1, in %) and one row per class.
+
+    Groups by training images per class: many > many_above >= medium >= few_below > few.
+    Group accuracy is the mean of its classes' accuracies (as in the long-tail literature).
+    """
+    num_classes = logits.shape[1]
+    correct = (logits.argmax(1) == labels).float()
+    per_class = []
+    for c in range(num_classes):
+        mask = labels == c
+        accuracy = 100.0 * correct[mask].mean().item() if mask.any() else float("nan")
+        per_class.append({"class": c, "train_count": train_counts[c],
+                          "test_count": int(mask.sum()), "top1": accuracy})
+    groups = {"many": lambda n: n > settings.many_above,
+              "medium": lambda n: settings.few_below <= n <= settings.many_above,
+              "few": lambda n: n < settings.few_below}
+    metrics = {"top1": top_k_accuracy(logits, labels, 1),
+               "top5": top_k_accuracy(logits, labels, min(5, num_classes))}
+    for group, member in groups.items():
+        values = [r["top1"] for r in per_class
+                  if member(r["train_count"]) and r["test_count"] > 0]
+        # A group with no classes has no accuracy: recorded as null, not as 0.
+        metrics[group] = sum(values) / len(values) if values else None
+        metrics[f"{group}_classes"] = len(values)
+    return metrics, per_class
+
+
+def write_report(metrics: dict, per_class: list[dict], class_names: list[str],
+                 metrics_file: str | Path, per_class_file: str | Path) -> None:
+    """metrics.json for `dvc metrics show`; a per-class CSV for `dvc plots show`."""
+    Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics_file).write_text(json.dumps(metrics, indent=1) + "\n")
+    Path(per_class_file).parent.mkdir(parents=True, exist_ok=True)
+    with open(per_class_file, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, ["class", "name", "train_count", "test_count", "top1"])
+        writer.writeheader()
+        for row in per_class:
+            writer.writerow({**row, "name": class_names[row["class"]]})
+
+
+def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: str,
+                        metrics_file: str, per_class_file: str) -> dict:
+    """Test-split report of one checkpoint, written for DVC; returns the metrics."""
+    from pipeline.distill import load_model
+    from pipeline.shards import load_manifest
+    from pipeline.stream import eval_loader, split_shards
+    from pipeline.train import device_for_training
+
+    manifest = load_manifest(shards_dir)
+    model, state = load_model(checkpoint)
+    if state["fingerprint"] != manifest["fingerprint"]:
+        raise UserError(f"{checkpoint} was trained on another dataset (fingerprint "
+                        f"{state['fingerprint'][:12]}, shards {manifest['fingerprint'][:12]})"
+                        "; rerun its training stage")
+    device = device_for_training()
+    image_size = state["params"]["train"]["image_size"]
+    batches = eval_loader(split_shards(shards_dir, manifest, "test"),
+                          batch_size=settings.batch_size, image_size=image_size, workers=0)
+    logits, labels = predict(model.to(device), batches, device)
+    metrics, per_class = long_tail_report(logits, labels, manifest["train_counts"], settings)
+    write_report(metrics, per_class, manifest["class_names"], metrics_file, per_class_file)
+    return metrics

@@ -1,0 +1,150 @@
+"""The one training loop, shared by teachers and students.
+
+SGD with momentum and weight decay, linear warm-up then cosine (per step), the objective from
+pipeline.losses, validation every epoch, a checkpoint every epoch (model, optimizer,
+scheduler, epoch, params, dataset fingerprint) and resume from it after a crash, a progress
+bar, and per-epoch metrics and plots through dvclive. On CUDA: bf16 autocast, channels_last,
+pinned memory and non-blocking copies; on CPU it runs as is.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from dvclive import Live
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.augment import normalize
+from pipeline.evaluate import predict, top_k_accuracy
+from pipeline.losses import DistillationObjective
+from pipeline.params import TrainParams
+
+CHECKPOINT = "checkpoint.pt"
+
+# (batch, images on the device, normalised) -> (teacher logits (B, C) or None,
+#                                              class weights (B, C) or None)
+TeacherTargets = Callable[[dict, torch.Tensor], tuple]
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """Everything the loop needs besides the model."""
+
+    settings: TrainParams
+    objective: DistillationObjective
+    train_batches: Callable[[int], Iterable[dict]]  # epoch -> that epoch's batches
+    val_batches: Callable[[], Iterable[dict]]
+    steps_per_epoch: int
+    identity: dict  # params + dataset fingerprint: a checkpoint resumes only if they match
+    teacher_targets: TeacherTargets | None = None
+    description: str = "train"
+
+
+def device_for_training() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Path) -> dict:
+    """Train `model` per `run`, checkpointing to out_dir/checkpoint.pt; returns the last
+    epoch's metrics. Rerun after a crash, it resumes from the checkpoint when the checkpoint's
+    identity (params, fingerprint) equals `run.identity`."""
+    device = device_for_training()
+    cuda = device.type == "cuda"
+    model = model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    settings = run.settings
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    total_steps = settings.epochs * run.steps_per_epoch
+    warmup_steps = settings.warmup_epochs * run.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _warmup_cosine(step, warmup_steps, total_steps))
+    checkpoint_path = Path(out_dir) / CHECKPOINT
+    start_epoch = _resume(checkpoint_path, run.identity, model, optimizer, scheduler)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    metrics = {}
+    with Live(str(live_dir), resume=start_epoch > 0, save_dvc_exp=False, dvcyaml=None) as live:
+        for epoch in range(start_epoch, settings.epochs):
+            model.train()
+            sums, count = defaultdict(float), 0
+            batches = tqdm(run.train_batches(epoch), total=run.steps_per_epoch,
+                           desc=f"{run.description} epoch {epoch + 1}/{settings.epochs}")
+            for batch in batches:
+                images = normalize(batch["images"].to(device, non_blocking=True))
+                if cuda:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                labels = batch["labels"].to(device, non_blocking=True)
+                teacher_logits, class_weights = (
+                    run.teacher_targets(batch, images) if run.teacher_targets else (None, None))
+                with autocast:
+                    student_logits = model(images)  # (B, C)
+                losses = run.objective(student_logits.float(), labels, teacher_logits,
+                                       class_weights)
+                optimizer.zero_grad(set_to_none=True)
+                losses["loss"].backward()
+                optimizer.step()
+                scheduler.step()
+                for name, value in losses.items():
+                    sums[name] += value.item() * len(labels)
+                count += len(labels)
+                batches.set_postfix(loss=f"{sums['loss'] / count:.3f}")
+            metrics = {f"train/{name}": total / count for name, total in sums.items()}
+            metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+            metrics.update(validate(model, run.val_batches(), device))
+            for name, value in metrics.items():
+                live.log_metric(name, value)
+            live.next_step()
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, run.identity)
+    return metrics
+
+
+def validate(model: nn.Module, batches: Iterable[dict], device: torch.device) -> dict:
+    logits, labels = predict(model, batches, device)
+    return {"val/top1": top_k_accuracy(logits, labels, 1),
+            "val/top5": top_k_accuracy(logits, labels, min(5, logits.shape[1]))}
+
+
+def _warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR factor: linear from 1/warmup to 1 over warm-up, then cosine down to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, identity: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "epoch": epoch, **identity}
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)  # a crash mid-save never leaves a torn checkpoint
+
+
+def _resume(path: Path, identity: dict, model, optimizer, scheduler) -> int:
+    """The epoch to start from: after the checkpoint's, or 0 without a matching one."""
+    if not path.is_file():
+        return 0
+    state = load_checkpoint(path)
+    if any(state.get(key) != value for key, value in identity.items()):
+        return 0  # params or data changed since: train from scratch
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    print(f"resuming {path} after epoch {state['epoch'] + 1}")
+    return state["epoch"] + 1
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by `fit`, loaded safely (tensors and plain data only)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found; train the model first "
+                                "(dvc repro)")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,29 @@
+"""Stage train_student: the student against its teacher's cached logits."""
+
+import click
+
+from pipeline.cli import run_stage
+from pipeline.distill import train_student
+from pipeline.params import load_params
+
+
+@click.command()
+@click.option("--params", "params_file", default="params.yaml", show_default=True,
+              help="The params file; reads `seed`, `augment`, `student`, `evaluate`.")
+@click.option("--shards", required=True, help="Folder written by prepare.")
+@click.option("--store", required=True, help="The teacher's logit store (dump_logits).")
+@click.option("--teacher-checkpoint", required=True,
+              help="The teacher's checkpoint.pt: its hash must match the store's.")
+@click.option("--out", required=True, help="Folder for checkpoint.pt (resumes from it).")
+@click.option("--live", required=True, help="Folder for dvclive metrics and plots.")
+@run_stage
+def main(params_file: str, shards: str, store: str, teacher_checkpoint: str, out: str,
+         live: str) -> None:
+    """Train the student with `student.loss` (ce, kl or ikl)."""
+    params = load_params(params_file)
+    metrics = train_student(params, shards, store, teacher_checkpoint, out, live)
+    click.echo(f"student: val top-1 {metrics.get('val/top1', float('nan')):.2f}%")
+
+
+if __name__ == "__main__":
+    main()
