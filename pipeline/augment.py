@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -174,8 +175,9 @@ def normalize(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
         raise ValueError(f"normalize expects a (B, 3, H, W) batch, got {tuple(batch.shape)}")
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=batch.device)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=batch.device)
-    # .to keeps the strides (memory format); the in-place ops keep them too.
-    scaled = batch.to(torch.float32).div_(255)
+    # .to keeps the strides (memory format); the in-place ops keep them too. mul_(1 / 255) is
+    # torchvision's to_dtype(scale=True), so the result is bitwise that of its transforms.
+    scaled = batch.to(torch.float32).mul_(1.0 / 255)
     return scaled.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1)).to(dtype)
 
 
@@ -200,6 +202,8 @@ def _view_words(seed: int, view: int, rows: np.ndarray) -> np.ndarray:
     """
     key = np.array([seed, view], dtype=np.uint64)
     words = np.empty((len(rows), WORDS_PER_VIEW), dtype=np.uint64)
+    if not len(rows):
+        return words
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
         counter = np.array([rows[start] * _COUNTER_STEPS, 0, 0, 0], dtype=np.uint64)

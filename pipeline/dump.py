@@ -23,9 +23,9 @@ from pipeline.errors import UserError
 from pipeline.losses import ClassPriorAccumulator
 from pipeline.params import Params
 from pipeline.shards import load_manifest
-from pipeline.store import (class_id_dtype, completed_shards, create_store, drop_prior_partials,
-                            finalize_store, reduce_prior_partials, write_prior_partials,
-                            write_shard)
+from pipeline.store import (StoreMismatchError, class_id_dtype, completed_shards,
+                            create_store, drop_prior_partials, finalize_store,
+                            reduce_prior_partials, write_prior_partials, write_shard)
 from pipeline.stream import Shard, decode, split_shards
 from pipeline.train import device_for_training
 
@@ -49,9 +49,14 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
         "fingerprint": manifest["fingerprint"], "class_names": manifest["class_names"],
         "augmentation": spec.as_dict(), "seed": params.seed,
     }
-    group = create_store(store_path, rows=manifest["splits"]["train"]["rows"],
-                         views=settings.views, topk=settings.topk, num_classes=num_classes,
-                         shard_rows=shards[0].stop - shards[0].start, attributes=attributes)
+    shape = dict(rows=manifest["splits"]["train"]["rows"], views=settings.views,
+                 topk=settings.topk, num_classes=num_classes,
+                 shard_rows=shards[0].stop - shards[0].start)
+    try:  # resume an unfinished dump of exactly this teacher, data and settings
+        group = create_store(store_path, **shape, attributes=attributes)
+    except StoreMismatchError as reason:  # anything else there is stale: start afresh
+        print(f"starting {store_path} afresh: {reason}")
+        group = create_store(store_path, **shape, attributes=attributes, overwrite=True)
     done = completed_shards(group)
     todo = [i for i in range(len(shards)) if i % world_size == rank and i not in done]
     for index in tqdm(todo, desc=f"dump {teacher_name}", unit="shard"):

@@ -67,9 +67,8 @@ def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Pa
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _warmup_cosine(step, warmup_steps, total_steps))
     checkpoint_path = Path(out_dir) / CHECKPOINT
-    start_epoch = _resume(checkpoint_path, run.identity, model, optimizer, scheduler)
+    start_epoch, metrics = _resume(checkpoint_path, run.identity, model, optimizer, scheduler)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    metrics = {}
     with Live(str(live_dir), resume=start_epoch > 0, save_dvc_exp=False, dvcyaml=None) as live:
         for epoch in range(start_epoch, settings.epochs):
             model.train()
@@ -101,7 +100,8 @@ def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Pa
             for name, value in metrics.items():
                 live.log_metric(name, value)
             live.next_step()
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, run.identity)
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, metrics,
+                             run.identity)
     return metrics
 
 
@@ -119,27 +119,30 @@ def _warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, identity: dict):
+def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, metrics: dict,
+                     identity: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "epoch": epoch, **identity}
+             "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics,
+             **identity}
     partial = path.with_suffix(".partial")
     torch.save(state, partial)
     os.replace(partial, path)  # a crash mid-save never leaves a torn checkpoint
 
 
-def _resume(path: Path, identity: dict, model, optimizer, scheduler) -> int:
-    """The epoch to start from: after the checkpoint's, or 0 without a matching one."""
+def _resume(path: Path, identity: dict, model, optimizer, scheduler) -> tuple[int, dict]:
+    """The epoch to start from and the last metrics: after the checkpoint's epoch, or 0
+    without a matching checkpoint."""
     if not path.is_file():
-        return 0
+        return 0, {}
     state = load_checkpoint(path)
     if any(state.get(key) != value for key, value in identity.items()):
-        return 0  # params or data changed since: train from scratch
+        return 0, {}  # params or data changed since: train from scratch
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     print(f"resuming {path} after epoch {state['epoch'] + 1}")
-    return state["epoch"] + 1
+    return state["epoch"] + 1, state["metrics"]
 
 
 def load_checkpoint(path: str | Path) -> dict:
