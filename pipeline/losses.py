@@ -20,11 +20,14 @@ T2 = `weight_temperature`.
 Value convention: soft-label CE = KL(p_t || p_s) + H(p_t), and the teacher entropy H(p_t) has no
 gradient wrt the student. We return the KL part as the value (zero when the student matches the
 teacher, and equal to KL-KD's value up to rounding, so `alpha=1, beta=0` IKL logs like KL-KD);
-the gradient is the soft-label CE gradient either way.
+the gradient is the soft-label CE gradient either way. IKL computes that KL value without a
+log-softmax pass (see `_ikl_value_and_gradient`), so in float32 it carries an absolute error of
+about 1e-7 * |t - s| (it can read -1e-6 for a student equal to the teacher plus a constant);
+the gradient is exact to float32 rounding.
 
 Paper presets (ImageNet-LT). Shared by all rows: SGD lr 0.05 at batch 128, momentum 0.9,
 weight decay 5e-4, 90 epochs, 10 warmup epochs then cosine, RandomResizedCrop 224 + flip,
-T = 1, CE on the label with weight 1. `IMAGENET_LT_PRESETS` holds the loss options below.
+T = 1, CE on the label with weight 1. Runnable as params: pipeline/presets (one source of truth).
 
     teacher -> student          loss  options
     ResNeXt101-32x4d -> ResNet18  kl    weight 4
@@ -41,7 +44,6 @@ T = 1, CE on the label with weight 1. `IMAGENET_LT_PRESETS` holds the loss optio
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Callable
 
 import torch
@@ -63,26 +65,7 @@ __all__ = [
     "class_prior",
     "expand_topk",
     "MIN_RESIDUAL_MASS",
-    "IMAGENET_LT_PRESETS",
 ]
-
-# Loss options of the paper's ImageNet-LT runs, keyed (teacher, student, variant); each value is
-# the `**options` of `distillation_objective`. Optimiser/augmentation settings: module docstring.
-_SAMPLE_WISE = {"temperature": 1.0, "weight_temperature": 100.0}
-_GI = {"temperature": 1.0, "weight_temperature": 1.0, "gamma": 0.3, "normalize": True,
-       "use_class_prior": True}
-IMAGENET_LT_PRESETS: dict[tuple[str, str, str], tuple[str, dict]] = {
-    ("resnext101_32x4d", "resnet18", "kl"): ("kl", {"weight": 4.0, "temperature": 1.0}),
-    ("resnext101_32x4d", "resnet50", "kl"): ("kl", {"weight": 3.0, "temperature": 1.0}),
-    ("resnet50", "resnet50", "kl"): ("kl", {"weight": 1.0, "temperature": 1.0}),
-    ("resnext101_32x4d", "resnet18", "ikl"): ("ikl", {"alpha": 4.0, "beta": 4.0, **_SAMPLE_WISE}),
-    ("resnext101_32x4d", "resnet50", "ikl"): ("ikl", {"alpha": 3.0, "beta": 4.0, **_SAMPLE_WISE}),
-    ("resnet50", "resnet50", "ikl"): ("ikl", {"alpha": 1.0, "beta": 1.0, **_SAMPLE_WISE}),
-    ("resnet18", "resnet18", "ikl"): ("ikl", {"alpha": 1.0, "beta": 0.5, **_SAMPLE_WISE}),
-    ("resnext101_32x4d", "resnet18", "ikl_gi"): ("ikl", {"alpha": 4.0, "beta": 4.0, **_GI}),
-    ("resnext101_32x4d", "resnet50", "ikl_gi"): ("ikl", {"alpha": 3.0, "beta": 4.0, **_GI}),
-}
-
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     """The widest dtype among `tensors`, at least float32: float16/bfloat16 are computed in
@@ -146,6 +129,13 @@ def ikl_weights(
     return weights
 
 
+def _logsumexp_from_softmax(logits: Tensor, probs: Tensor) -> Tensor:
+    """logsumexp of each row (B,) from its softmax (B, C) without another exp pass:
+    lse = x_j - log p_j for any j; at j = argmax, p_j = max(p) >= 1/C (softmax is monotone), so
+    the log is well conditioned. Two max reductions: cheaper than an argmax and a gather."""
+    return logits.amax(dim=1) - probs.amax(dim=1).log()
+
+
 def _ikl_value_and_gradient(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -160,55 +150,60 @@ def _ikl_value_and_gradient(
     """IKL's two terms and the gradient of alpha * kl + beta * wmse wrt the student, by hand.
 
     No autograd: inputs are plain (B, C) tensors of one float dtype (float32 or float64).
-    Returns kl (), wmse (), gradient (B, C) or None.
+    Returns kl (), wmse (), gradient (B, C) or None. With d = t - s:
 
-    kl   = T^2 * mean_b sum_j p_t,j (log p_t,j - log p_s,j), p = softmax(logits / T);
+    kl   = T^2 * mean_b sum_j p_t,j (log p_t,j - log p_s,j), p = softmax(logits / T). Since
+           log p_t,j - log p_s,j = d_j / T - (lse_t - lse_s) and sum_j p_t,j = 1, each sample's
+           KL is sum_j p_t,j d_j / T - (lse_t - lse_s): no log-softmax pass is needed.
            d kl / d s = T * (p_s - p_t) / B.
-    wmse = mean_b 1/4 sum_{j,k} w_j w_k (d_j - d_k)^2 with d = t - s, through the closed form
+    wmse = mean_b 1/4 sum_{j,k} w_j w_k (d_j - d_k)^2, through the closed form
            2 * S * sum_j w_j (d_j - dbar)^2, S = sum_j w_j, dbar = sum_j w_j d_j / S. Per sample
            wmse = scale/2 * sum_j w_j c_j^2 with c = d - dbar and scale = S (or 1/S when
            normalised by sum_{j,k} w_j w_k = S^2); since sum_j w_j c_j = 0 the dbar term drops
            out of the derivative: d wmse / d s_j = -scale * w_j c_j / B.
     Centring d before squaring keeps large logits exact (no cancellation of huge squares).
+    Buffers are reused in place once spent: each fresh (B, C) allocation costs about as much as
+    the arithmetic on it.
     """
     batch = student_logits.shape[0]
     # Division by T = 1 is exact: skip the passes (the paper's T is 1), as in kl_kd_loss.
     scaled_student = student_logits if temperature == 1.0 else student_logits / temperature
     scaled_teacher = teacher_logits if temperature == 1.0 else teacher_logits / temperature
-    # Every (B, C) buffer below is used up in place once its value is no longer needed: at this
-    # size each fresh 0.5 MB allocation costs about as much as the arithmetic on it.
-    student_log_probs = F.log_softmax(scaled_student, dim=1)  # (B, C)
+    student_probs = F.softmax(scaled_student, dim=1)  # (B, C)
     teacher_probs = F.softmax(scaled_teacher, dim=1)  # (B, C); 0 where it underflows
-    log_ratio = F.log_softmax(scaled_teacher, dim=1).sub_(student_log_probs)  # (B, C)
-    kl = log_ratio.mul_(teacher_probs).sum(dim=1).mean() * temperature**2
-
+    lse_gap = _logsumexp_from_softmax(scaled_teacher, teacher_probs) - _logsumexp_from_softmax(
+        scaled_student, student_probs
+    )  # (B,) lse_t - lse_s
     gaps = teacher_logits - student_logits  # (B, C) d
-    weight_sum = weights.sum(dim=1, keepdim=True)  # (B, 1) S
-    # An all-zero weight row has a zero double sum; the clamp only avoids 0/0 there.
-    safe_weight_sum = weight_sum.clamp_min(torch.finfo(weights.dtype).tiny)
+    # sum over batch and classes of p_t * d / T in one BLAS dot, then the batch mean and T^2.
+    cross = torch.dot(teacher_probs.reshape(-1), gaps.reshape(-1)) / temperature
+    kl = (cross - lse_gap.sum()).mul_(temperature**2 / batch)
+
+    # S; an all-zero weight row has a zero double sum, and the clamp only avoids 0/0 there.
+    weight_sum = weights.sum(dim=1, keepdim=True).clamp_min_(torch.finfo(weights.dtype).tiny)
     weighted_gaps = weights * gaps  # (B, C) w * d
-    mean_gap = weighted_gaps.sum(dim=1, keepdim=True) / safe_weight_sum  # (B, 1) dbar
-    weighted_gaps.addcmul_(weights, mean_gap, value=-1.0)  # (B, C) w * c, c = d - dbar
-    centred_gaps = gaps.sub_(mean_gap)  # (B, C) c
+    mean_gap = weighted_gaps.sum(dim=1, keepdim=True) / weight_sum  # (B, 1) dbar
+    centred_gaps = gaps.sub_(mean_gap)  # (B, C) c = d - dbar
+    torch.mul(weights, centred_gaps, out=weighted_gaps)  # (B, C) w * c, into the spent buffer
     spread = centred_gaps.mul_(weighted_gaps).sum(dim=1)  # (B,) sum_j w_j c_j^2
-    scale = 1.0 / safe_weight_sum if normalize else weight_sum  # (B, 1)
-    wmse = (0.5 * scale.squeeze(1) * spread).mean()
+    scale = (1.0 / weight_sum if normalize else weight_sum).squeeze(1)  # (B,)
+    wmse = torch.dot(scale, spread).mul_(0.5 / batch)  # mean over the batch of scale/2 * spread
 
     if not need_gradient:
         return kl, wmse, None
-    # p_s - p_t; exp_ of the spent log-probabilities saves an allocation over a fresh softmax.
-    gradient = student_log_probs.exp_().sub_(teacher_probs)  # (B, C)
+    gradient = student_probs.sub_(teacher_probs)  # (B, C) p_s - p_t
     gradient.mul_(alpha * temperature / batch)
-    gradient.addcmul_(weighted_gaps, scale, value=-beta / batch)
+    gradient.addcmul_(weighted_gaps, scale.unsqueeze(1), value=-beta / batch)
     return kl, wmse, gradient
 
 
 class _IKLFunction(torch.autograd.Function):
-    """IKL-KD with its analytic gradient. Autograd through the closed form takes ~20 small
-    kernels and ran 3x slower than KL-KD at B = 128, C = 1000 on CPU; computing the gradient in
-    the forward pass needs one (B, C) buffer and brings IKL close to KL-KD's cost (see
-    benchmarks/losses.py). Returns (total, kl, wmse); only total is differentiable, only wrt the
-    student. Not twice differentiable."""
+    """IKL-KD with its analytic gradient, computed in the forward pass into one (B, C) buffer.
+
+    Why not autograd: through the closed form it records ~25 small kernels and took 3.1x
+    KL-KD's time at B = 128, C = 1000 on CPU; this form takes about 1.3x (benchmarks/losses.py).
+    Returns (total, kl, wmse); only total is differentiable, and only wrt the student. Not
+    twice differentiable (nothing in distillation needs it)."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, weights, alpha, beta, temperature, normalize):
@@ -226,7 +221,7 @@ class _IKLFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(gradient)
         ctx.mark_non_differentiable(kl, wmse)
-        return alpha * kl + beta * wmse, kl, wmse
+        return torch.add(kl * alpha, wmse, alpha=beta), kl, wmse
 
     @staticmethod
     @once_differentiable

@@ -2,6 +2,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import cli
+from pipeline.distill import student_objective
 from pipeline.params import Params, check_consistency, parse
 from pipeline.presets import (BASE_PARAMS, IMAGENET_LT_ROWS, apply_overrides,
                               exp_run_command)
@@ -37,6 +38,9 @@ def test_every_row_is_valid_and_matches_the_paper():
     assert set(expected) == set(IMAGENET_LT_ROWS)
     for name, (teacher, arch, loss, first, beta) in expected.items():
         student = load_row(name).student
+        objective = student_objective(student)
+        assert objective.needs_teacher
+        assert objective.needs_class_prior == name.startswith("ikl-gi")
         assert (student.teacher, student.arch, student.loss) == (teacher, arch, loss)
         if loss == "kl":
             assert student.kl.weight == first and student.kl.temperature == 1.0
