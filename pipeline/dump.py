@@ -34,6 +34,11 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
                 store_path: str, *, rank: int = 0, world_size: int = 1) -> None:
     """Fill `store_path` with `teacher_name`'s logits on every train row (this rank's shards:
     index % world_size == rank)."""
+    # The name is recorded in the store and names the teacher to `inspect` and the student's
+    # `student.teacher`: a typo must stop here, not yield a store nobody will look for.
+    if teacher_name not in params.teachers:
+        raise UserError(f"{teacher_name!r} is not a key of teachers (known: "
+                        f"{', '.join(params.teachers)}); pass --name with one of them")
     manifest = load_manifest(shards_dir)
     shards = split_shards(shards_dir, manifest, "train")
     settings, spec = params.logits, crop_spec(params.augment)
@@ -48,6 +53,9 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
         "teacher_sha256": file_sha256(checkpoint), "teacher_image_size": settings.image_size,
         "fingerprint": manifest["fingerprint"], "class_names": manifest["class_names"],
         "augmentation": spec.as_dict(), "seed": params.seed,
+        # Part of the identity: shards written before a change of temperatures hold no prior
+        # partial sums at the new ones, so such a store must be dumped afresh, not resumed.
+        "prior_temperatures": sorted(float(t) for t in settings.prior_temperatures),
     }
     shape = dict(rows=manifest["splits"]["train"]["rows"], views=settings.views,
                  topk=settings.topk, num_classes=num_classes,
@@ -91,13 +99,16 @@ def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, device
     out = {"topk_logits": [], "topk_classes": [], "logsumexp": []}
     for view in range(settings.views):
         logits = _teacher_logits(teacher, images, boxes[view], flips[view], settings, device)
-        bad = ~torch.isfinite(logits).all(dim=1)
+        top = logits.topk(settings.topk, dim=1)  # sorted, descending
+        top_logits = top.values.half()  # the stored dtype: beyond +-65504 it is Inf
+        # Checked here, not only by write_shard, so the user gets the row in one line.
+        bad = ~(torch.isfinite(logits).all(dim=1) & torch.isfinite(top_logits).all(dim=1))
         if bad.any():
             row = int(rows[bad.nonzero()[0, 0]])
-            raise UserError(f"teacher logits are NaN or Inf at row {row}, view {view} "
-                            f"({shard.url}); check the teacher checkpoint")
-        top = logits.topk(settings.topk, dim=1)  # sorted, descending
-        out["topk_logits"].append(top.values.half().numpy())
+            raise UserError(f"teacher logits are NaN, Inf or beyond float16's range (+-65504, "
+                            f"the store's dtype) at row {row}, view {view} ({shard.url}); "
+                            "check the teacher checkpoint")
+        out["topk_logits"].append(top_logits.numpy())
         out["topk_classes"].append(top.indices.numpy().astype(class_id_dtype(num_classes)))
         out["logsumexp"].append(torch.logsumexp(logits, dim=1).numpy())
         for accumulator in priors.values():
@@ -110,8 +121,13 @@ def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, device
 
 @torch.no_grad()
 def _teacher_logits(teacher, images, boxes, flips, settings, device) -> torch.Tensor:
-    """(n, C) float32 logits of one view of every image, in batches."""
-    cuda = device.type == "cuda"
+    """(n, C) float32 logits of one view of every image, in batches.
+
+    Computed in float32, without bf16 autocast: bf16 logits keep 8 significant bits, fewer
+    than the store's float16 (11), and the logsumexp and class priors, which the contract
+    says are exact, would inherit that error. The dump runs once per teacher; its cost is V
+    forward passes over the train split.
+    """
     chunks = []
     for start in range(0, len(images), settings.batch_size):
         stop = start + settings.batch_size
@@ -119,6 +135,5 @@ def _teacher_logits(teacher, images, boxes, flips, settings, device) -> torch.Te
                              for image, box, flip in zip(images[start:stop], boxes[start:stop],
                                                          flips[start:stop])])
         batch = normalize(crops.to(device, non_blocking=True))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            chunks.append(teacher(batch).float().cpu())
+        chunks.append(teacher(batch).float().cpu())
     return torch.cat(chunks)

@@ -70,6 +70,10 @@ def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Pa
     start_epoch, metrics = _resume(checkpoint_path, run.identity, model, optimizer, scheduler)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     with Live(str(live_dir), resume=start_epoch > 0, save_dvc_exp=False, dvcyaml=None) as live:
+        # The dvclive step is the epoch. Its own resume reads the last logged step and adds 1,
+        # except after step 0, which it cannot tell from an empty log: a resume after the first
+        # epoch would log epoch 2 as step 0 again. The checkpoint knows the epoch; use it.
+        live.step = start_epoch
         for epoch in range(start_epoch, settings.epochs):
             model.train()
             sums, count = defaultdict(float), 0

@@ -1,0 +1,243 @@
+"""The shared training loop (pipeline/train.py) through the teacher stage on a tiny real
+dataset: checkpoints, resume after a crash to the same bits, no resume across a changed
+identity, the warm-up + cosine schedule, and the train_teacher stage CLI."""
+
+import dataclasses
+import math
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import pipeline.distill
+import pipeline.train
+from helpers_stage_one import (  # noqa: F401 (fixtures)
+    TRAIN_ROWS, params_from, stage_one_data, with_changes, write_params_file)
+from pipeline.distill import load_model, train_teacher
+from pipeline.params import to_dict
+from pipeline.train import CHECKPOINT, _warmup_cosine
+from stages.train_teacher import main as train_main
+
+EPOCHS, BATCH_SIZE, LR = 2, 8, 0.05  # toy teachers.teacher
+STEPS_PER_EPOCH = math.ceil(TRAIN_ROWS / BATCH_SIZE)  # 4: 8 + 8 + 8 + 2 rows
+
+
+class Crashed(Exception):
+    """Stands in for a crash of the training process."""
+
+
+class TrainingSpy:
+    """Wraps `fit` as the teacher stage calls it: records the epochs whose batches it asks for
+    and, when `crash_in_epoch` is set, raises once after that epoch's first step."""
+
+    def __init__(self, real_fit):
+        self.real_fit = real_fit
+        self.epochs: list[int] = []
+        self.crash_in_epoch: int | None = None
+
+    def fit(self, model, run, out_dir, live_dir):
+        return self.real_fit(model, dataclasses.replace(run, train_batches=self._batches(run)),
+                             out_dir, live_dir)
+
+    def _batches(self, run):
+        def batches(epoch):
+            self.epochs.append(epoch)
+            return self._crashing(run.train_batches(epoch), epoch)
+        return batches
+
+    def _crashing(self, batches, epoch):
+        for step, batch in enumerate(batches):
+            if step == 1 and epoch == self.crash_in_epoch:  # step 0 already moved the weights
+                self.crash_in_epoch = None
+                raise Crashed(f"crashed in epoch {epoch}")
+            yield batch
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    spy = TrainingSpy(pipeline.train.fit)
+    monkeypatch.setattr(pipeline.distill, "fit", spy.fit)
+    return spy
+
+
+def train(data, out, params=None):
+    return train_teacher(params or data.params, "teacher", str(data.shards_dir), str(out),
+                         str(out.parent / f"{out.name}_live"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(stage_one_data):
+    """(checkpoint path, returned metrics) of a 2-epoch run that never crashed."""
+    out = stage_one_data.root / "uninterrupted"
+    metrics = train(stage_one_data, out)
+    return out / CHECKPOINT, metrics
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(actual: dict, expected: dict, what: str):
+    assert actual.keys() == expected.keys(), what
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), f"{what}: {name} differs"
+
+
+def lr_log(live_dir):
+    return (live_dir / "plots" / "metrics" / "train" / "lr.tsv").read_text().split()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+def test_checkpoint_holds_model_optimizer_scheduler_epoch_and_identity(stage_one_data,
+                                                                        uninterrupted):
+    path, metrics = uninterrupted
+    state = load(path)  # weights_only: tensors and plain data only
+    for key in ("model", "optimizer", "scheduler", "epoch", "params", "fingerprint", "arch",
+                "num_classes", "small_input", "metrics"):
+        assert key in state, key
+    assert state["epoch"] == EPOCHS - 1
+    assert state["fingerprint"] == stage_one_data.manifest["fingerprint"]
+    assert state["arch"] == "resnet8" and state["num_classes"] == 3
+    assert state["params"] == {"seed": 3, "augment": to_dict(stage_one_data.params.augment),
+                               "train": to_dict(stage_one_data.params.teachers["teacher"])}
+    assert state["scheduler"]["last_epoch"] == EPOCHS * STEPS_PER_EPOCH
+    assert state["metrics"] == metrics and metrics["train/lr"] == 0.0  # cosine reached zero
+    assert state["optimizer"]["state"]  # momentum buffers, so a resume continues exactly
+    model, _ = load_model(path)
+    assert not model.training
+    assert_same_tensors(model.state_dict(), state["model"], "load_model")
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(stage_one_data, uninterrupted, spy,
+                                                           tmp_path):
+    reference_path, reference_metrics = uninterrupted
+    out = tmp_path / "crashed"
+    spy.crash_in_epoch = 1
+    with pytest.raises(Crashed):
+        train(stage_one_data, out)
+    assert spy.epochs == [0, 1]
+    assert load(out / CHECKPOINT)["epoch"] == 0  # the last finished epoch
+
+    spy.epochs.clear()
+    metrics = train(stage_one_data, out)
+    assert spy.epochs == [1]  # epoch 0 is not trained again
+    resumed, reference = load(out / CHECKPOINT), load(reference_path)
+    assert resumed["epoch"] == reference["epoch"] == EPOCHS - 1
+    # CPU kernels are deterministic for a given batch shape and thread count, and every
+    # random choice (views, shard order, shuffle buffer) is seeded per epoch: the same bits.
+    assert_same_tensors(resumed["model"], reference["model"], "model")
+    for buffers, expected in zip(resumed["optimizer"]["state"].values(),
+                                 reference["optimizer"]["state"].values()):
+        assert_same_tensors(buffers, expected, "optimizer state")
+    assert resumed["optimizer"]["param_groups"] == reference["optimizer"]["param_groups"]
+    assert resumed["scheduler"] == reference["scheduler"]
+    assert metrics == reference_metrics
+    # dvclive picked up where it stopped: one row per epoch, none repeated
+    assert lr_log(out.parent / "crashed_live") == lr_log(reference_path.parent.parent
+                                                         / "uninterrupted_live")
+
+    spy.epochs.clear()  # a finished run resumes to its end and reports its last metrics
+    assert train(stage_one_data, out) == reference_metrics
+    assert spy.epochs == []
+
+
+def _other_fingerprint(out):
+    state = load(out / CHECKPOINT)
+    state["fingerprint"] = "0" * 64  # as if the shards had been rebuilt from other data
+    torch.save(state, out / CHECKPOINT)
+
+
+@pytest.mark.parametrize("change", [
+    ("teachers.teacher", {"lr": 0.02}),
+    ("augment", {"flip_probability": 0.0}),
+    ("", {"seed": 4}),
+    "fingerprint",
+], ids=["lr", "augment", "seed", "fingerprint"])
+def test_a_changed_identity_trains_from_scratch(stage_one_data, uninterrupted, spy, tmp_path,
+                                                change):
+    out = tmp_path / "stale"
+    shutil.copytree(uninterrupted[0].parent, out)
+    raw = stage_one_data.raw
+    if change == "fingerprint":
+        _other_fingerprint(out)
+    else:
+        raw = with_changes(raw, change[0], **change[1])
+    params = params_from(raw)
+    train(stage_one_data, out, params)
+    assert spy.epochs == [0, 1]  # from epoch 0, not "resumed" past the end
+    state = load(out / CHECKPOINT)
+    assert state["epoch"] == EPOCHS - 1
+    assert state["fingerprint"] == stage_one_data.manifest["fingerprint"]
+    assert state["params"]["seed"] == params.seed
+    assert state["params"]["augment"] == to_dict(params.augment)
+    assert state["params"]["train"] == to_dict(params.teachers["teacher"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+def test_warmup_cosine_schedule_values():
+    cosine = lambda progress: 0.5 * (1 + math.cos(math.pi * progress))  # noqa: E731
+    # 4 warm-up steps of 8: linear 1/4 .. 1, then cosine from 1 down to 0 at the last step.
+    expected = [0.25, 0.5, 0.75, 1.0, 1.0, cosine(0.25), cosine(0.5), cosine(0.75), 0.0]
+    assert [_warmup_cosine(step, 4, 8) for step in range(9)] == pytest.approx(expected, abs=1e-15)
+    assert _warmup_cosine(100, 4, 8) == 0.0  # past the end it stays at zero
+    assert [_warmup_cosine(step, 0, 4) for step in range(5)] == pytest.approx(
+        [1.0, cosine(0.25), 0.5, cosine(0.75), 0.0], abs=1e-15)  # no warm-up
+
+
+def test_fit_applies_the_schedule_per_step(uninterrupted):
+    # lr.tsv logs the rate after each epoch's last step: 1 warm-up epoch of 4 steps, then
+    # the cosine over the remaining 4 steps reaches 0.
+    path, _ = uninterrupted
+    log = lr_log(path.parent.parent / "uninterrupted_live")
+    assert log[:2] == ["step", "lr"]
+    assert [float(v) for v in log[3::2]] == pytest.approx(
+        [LR * _warmup_cosine(STEPS_PER_EPOCH, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH),
+         LR * _warmup_cosine(2 * STEPS_PER_EPOCH, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)])
+    assert [float(v) for v in log[3::2]] == pytest.approx([LR, 0.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The train_teacher stage CLI
+
+
+def test_train_teacher_stage_cli(stage_one_data, tmp_path):
+    runner = CliRunner()
+    raw = with_changes(stage_one_data.raw, "teachers.teacher", epochs=1)
+    params_file = write_params_file(tmp_path / "params.yaml", raw)
+    out = tmp_path / "models" / "teacher"
+    args = ["--params", str(params_file), "--shards", str(stage_one_data.shards_dir),
+            "--out", str(out), "--live", str(tmp_path / "results" / "teacher")]
+
+    result = runner.invoke(train_main, ["--help"])
+    assert result.exit_code == 0
+    for text in ["--params", "--name", "--shards", "--out", "--live", "Train teacher NAME"]:
+        assert text in result.output, text
+
+    result = runner.invoke(train_main, args + ["--name", "nope"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    # click's usage error: the usage line, then the reason in one line naming the option
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "--name" in errors[0], result.output
+    assert errors[0].endswith("'nope' is not a key of teachers (known: teacher)")
+    assert not out.exists()
+
+    result = runner.invoke(train_main, args + ["--params", str(tmp_path / "missing.yaml"),
+                                               "--name", "teacher"])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [
+        f"Error: {tmp_path / 'missing.yaml'}: params file not found; pass --params with its "
+        "path"]
+
+    result = runner.invoke(train_main, args + ["--name", "teacher"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("teacher teacher: val top-1 "), result.output  # tqdm: stderr
+    state = load(out / CHECKPOINT)
+    assert state["epoch"] == 0 and state["params"]["train"]["epochs"] == 1
+    assert (tmp_path / "results" / "teacher" / "metrics.json").is_file()
