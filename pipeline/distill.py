@@ -139,12 +139,13 @@ def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
     train_shards = split_shards(shards_dir, manifest, "train")
     val_split = "val" if "val" in manifest["splits"] else "test"
     val_shards = split_shards(shards_dir, manifest, val_split)
-    views_per_decode = getattr(settings, "views_per_decode", 1)
+    is_student = isinstance(settings, StudentParams)
+    views_per_decode = settings.views_per_decode if is_student else 1
     pin = torch.cuda.is_available()
 
     def train_batches(epoch: int):
         views = ViewSource(params.seed, epoch, views_per_decode, crop_spec(params.augment),
-                           store)
+                           store, cached_views=params.logits.views if is_student else 0)
         return train_loader(train_shards, views, batch_size=settings.batch_size,
                             image_size=settings.image_size, workers=settings.workers,
                             pin_memory=pin)
@@ -155,9 +156,14 @@ def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
                            pin_memory=pin)
 
     rows = manifest["splits"]["train"]["rows"] * views_per_decode
+    # Each DataLoader worker batches its own shards and may end the epoch on a partial batch:
+    # up to workers - 1 more steps than one stream. Uncounted, the cosine schedule reaches zero
+    # before training ends (at 3/4 of it on 86 rows, batch 32, 2 workers); counted, it may end
+    # a little above zero instead.
+    steps_per_epoch = math.ceil(rows / settings.batch_size) + max(settings.workers - 1, 0)
     identity = model_identity(settings, params, manifest)
     if store is not None:
         identity["teacher_sha256"] = store.attributes["teacher_sha256"]
     return TrainRun(settings, objective, train_batches, val_batches,
-                    steps_per_epoch=math.ceil(rows / settings.batch_size), identity=identity,
+                    steps_per_epoch=steps_per_epoch, identity=identity,
                     teacher_targets=teacher_targets, description=description)

@@ -200,6 +200,15 @@ def check_consistency(params: Params) -> Params:
             and ikl.weight_temperature not in params.logits.prior_temperatures):
         raise ParamsError(f"student.ikl.weight_temperature: {ikl.weight_temperature:g} has no "
                           "stored class prior; add it to logits.prior_temperatures")
+    student = params.student
+    if student.online_teacher and student.loss == "ikl" and ikl.weights == "class_prior":
+        raise ParamsError("student.online_teacher: the live teacher gives sample-wise IKL "
+                          "weights only (the GI prior comes from the logit store); set "
+                          "student.ikl.weights: sample or online_teacher: false")
+    if student.views_per_decode > params.logits.views:
+        raise ParamsError(f"student.views_per_decode: {student.views_per_decode} exceeds the "
+                          f"{params.logits.views} cached views (logits.views); the extra crops "
+                          "would repeat")
     return params
 
 

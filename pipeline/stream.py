@@ -13,6 +13,7 @@ int64, and for a student `topk_logits` (B, k) float16, `topk_classes` (B, k) int
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, default_collate
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from pipeline.augment import CropSpec, apply_view, draw_views, eval_view
 from pipeline.errors import UserError
@@ -43,13 +44,20 @@ def split_shards(shards_dir: str, manifest: dict, split: str) -> list[Shard]:
             for s in manifest["splits"][split]["shards"]]
 
 
+# Views drawn fresh (no store: teachers, CE students) start here, disjoint from the V views a
+# dump caches (V < 2**20), so a teacher never trains on the very crops it later labels.
+FRESH_VIEW_OFFSET = 2**20
+
+
 @dataclass(frozen=True)
 class ViewSource:
     """Where a training sample's crop comes from in epoch `epoch`.
 
-    Without a store (teachers), views are drawn from (seed, view, row); with one (students),
-    the stored boxes and flips are replayed together with their logits. Epoch e takes views
-    e*m .. e*m+m-1 (mod V for a store): m = views_per_decode crops per decoded image.
+    Epoch e takes views e*m .. e*m+m-1, m = views_per_decode crops per decoded image:
+    - with a store (students), modulo its V, replaying the stored boxes, flips and logits;
+    - with `cached_views` = V and no store (students with an online teacher or plain CE),
+      the same views drawn from (seed, view, row): the crops a store would hold;
+    - with neither (teachers), fresh views past FRESH_VIEW_OFFSET.
     """
 
     seed: int
@@ -57,11 +65,16 @@ class ViewSource:
     views_per_decode: int = 1
     crop: CropSpec = CropSpec()
     store: object | None = None  # a pipeline.store.LogitStore
+    cached_views: int = 0
 
     def view_ids(self) -> list[int]:
         first = self.epoch * self.views_per_decode
         ids = range(first, first + self.views_per_decode)
-        return [v % self.store.views for v in ids] if self.store else list(ids)
+        if self.store is not None:
+            return [v % self.store.views for v in ids]
+        if self.cached_views:
+            return [v % self.cached_views for v in ids]
+        return [FRESH_VIEW_OFFSET + v for v in ids]
 
 
 def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
@@ -78,7 +91,7 @@ def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
         _attach_views(by_url, views),
         wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 4, seed=int(
             np.random.SeedSequence([views.seed, views.epoch, rank]).generate_state(1)[0])),
-        _decode_and_crop(image_size),
+        _decode_and_crop(views, image_size),
         wds.batched(batch_size, collation_fn=default_collate, partial=True),
     )
     return _loader(pipeline, workers, pin_memory)
@@ -103,12 +116,14 @@ def _loader(pipeline, workers: int, pin_memory: bool) -> DataLoader:
 
 
 def decode(sample: dict) -> torch.Tensor:
-    """The sample's image as (3, H, W) uint8 RGB."""
+    """The sample's image as (3, H, W) uint8 RGB (PIL: torchvision's decoders are deprecated
+    from 0.29)."""
     data = sample.get("jpg", sample.get("png"))
     if data is None:
         raise UserError(f"{sample.get('__url__')}: sample {sample['__key__']} has no jpg/png")
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                        mode=ImageReadMode.RGB)
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def _eval_sample(sample: dict, image_size: int) -> dict:
@@ -118,27 +133,22 @@ def _eval_sample(sample: dict, image_size: int) -> dict:
 
 
 def _attach_views(by_url: dict[str, Shard], views: ViewSource):
-    """Stage: give each (still encoded) sample its m crops and, from a store, its logits."""
+    """Stage: parse each (still encoded) sample's metadata and, from a store, attach its m
+    cached views (crop + logits), read once per shard."""
     view_ids = views.view_ids()
 
     def stage(samples):
         current, cached = None, None
         for sample in samples:
-            meta = json.loads(sample["json"])
-            shard = by_url[sample["__url__"]]
-            if views.store is None:
-                boxes, flips = draw_views(views.seed, view_ids, [meta["row"]], meta["height"],
-                                          meta["width"], spec=views.crop)
-                sample["views"] = [{"box": boxes[j, 0], "flip": flips[j, 0]}
-                                   for j in range(len(view_ids))]
-            else:
+            sample["meta"] = meta = json.loads(sample["json"])
+            if views.store is not None:
+                shard = by_url[sample["__url__"]]
                 if shard is not current:  # one read per view per shard per epoch
                     current = shard
                     cached = [views.store.read_rows(v, shard.start, shard.stop)
                               for v in view_ids]
                 sample["views"] = [_cached_view(part, meta, shard, views.store)
                                    for part in cached]
-            sample["meta"] = meta
             yield sample
 
     return stage
@@ -157,15 +167,23 @@ def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:
             "logsumexp": torch.tensor(part["logsumexp"][i])}
 
 
-def _decode_and_crop(image_size: int):
-    """Stage: decode each image once, emit one training sample per attached view."""
+def _decode_and_crop(views: ViewSource, image_size: int):
+    """Stage: decode each image once, emit one training sample per view (stored views are
+    replayed; without a store they are drawn here, on the decoded image's size)."""
+    view_ids = views.view_ids()
 
     def stage(samples):
         for sample in samples:
-            image = decode(sample)
-            for view in sample["views"]:
+            image = decode(sample)  # (3, H, W) uint8
+            meta = sample["meta"]
+            crops = sample.get("views")
+            if crops is None:
+                boxes, flips = draw_views(views.seed, view_ids, [meta["row"]], image.shape[1],
+                                          image.shape[2], spec=views.crop)
+                crops = [{"box": boxes[j, 0], "flip": flips[j, 0]} for j in range(len(boxes))]
+            for view in crops:
                 out = {"images": apply_view(image, view["box"], bool(view["flip"]), image_size),
-                       "labels": sample["meta"]["label"], "rows": sample["meta"]["row"]}
+                       "labels": meta["label"], "rows": meta["row"]}
                 out.update({k: v for k, v in view.items() if k not in ("box", "flip")})
                 yield out
 

@@ -39,6 +39,10 @@ def test_defaults_fill_missing_sections():
     ("student: {ikl: {weights: class_prior, weight_temperature: 3}}",
      "student.ikl.weight_temperature: 3 has no stored class prior"),
     ("data: 5", "data: expected a mapping, got 5"),
+    ("student: {online_teacher: true, ikl: {weights: class_prior, weight_temperature: 1}}",
+     "student.online_teacher: the live teacher gives sample-wise IKL weights only"),
+    ("logits: {views: 2}\nstudent: {views_per_decode: 3}",
+     "student.views_per_decode: 3 exceeds the 2 cached views"),
 ])
 def test_bad_params_name_the_key(tmp_path, text, message):
     with pytest.raises(ParamsError) as error:

@@ -1,0 +1,119 @@
+"""`dvc repro` end to end on the embedded digits-LT data, in a throwaway copy of the repository.
+
+Tiny settings (16 px, 86 train rows, resnet8 teacher and baseline, one epoch, V = 2) keep it
+well under a minute; most of the time is the nine stage processes starting Python and torch.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.store import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 240  # seconds per dvc command: a hung stage fails the test instead of the suite
+# Outputs of a previous run in the working tree: the copy must produce its own.
+RUN_OUTPUTS = ("dvc.lock", "results/")
+
+TRAIN = {"arch": "resnet8", "image_size": 16, "epochs": 1, "batch_size": 32, "workers": 0}
+TINY_PARAMS = {
+    "seed": 0,
+    "data": {"source": "digits_lt", "image_size": 16, "val_per_class": 2, "test_per_class": 150,
+             "shard_size": 32, "workers": 0},
+    "teachers": {"teacher": TRAIN, "baseline": TRAIN},
+    "augment": {"crop_scale": [0.35, 1.0], "flip_probability": 0.0},
+    "logits": {"views": 2, "topk": 10, "image_size": 16, "batch_size": 64,
+               "prior_temperatures": [1.0, 100.0]},
+    "student": {**TRAIN, "teacher": "teacher", "loss": "ikl"},
+    "evaluate": {"batch_size": 256},
+}
+ALL_STAGES = {"prepare", "train_teacher@teacher", "train_teacher@baseline",
+              "dump_logits@teacher", "dump_logits@baseline", "train_student",
+              "evaluate_teacher@teacher", "evaluate_teacher@baseline", "evaluate_student"}
+
+pytestmark = pytest.mark.skipif(shutil.which("dvc") is None or shutil.which("git") is None,
+                                reason="dvc and git must be on PATH for the dvc repro smoke test")
+
+
+def copy_repository(target: Path) -> None:
+    """Tracked files plus untracked ones git does not ignore, without earlier run outputs."""
+    listing = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                              "-z"], cwd=REPO, check=True, capture_output=True, text=True)
+    for name in filter(None, listing.stdout.split("\0")):
+        source = REPO / name
+        if name.startswith(RUN_OUTPUTS) or not source.is_file():  # skip deleted files too
+            continue
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target / name)
+
+
+def run(command: list[str], cwd: Path, env: dict) -> str:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
+    return output
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_dvc_repro_runs_every_stage_once_then_only_what_params_touch(tmp_path):
+    repo = tmp_path / "repo"
+    copy_repository(repo)
+    (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    env = {**os.environ,
+           "PYTHONPATH": str(repo),  # the stages import the copy's pipeline, not the install's
+           "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site"),
+           "DVC_GLOBAL_CONFIG_DIR": str(tmp_path / "dvc-global")}
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com",
+           "-c", "commit.gpgsign=false"]
+    run(git + ["init", "-q"], repo, env)
+    run(git + ["add", "-A"], repo, env)
+    run(git + ["commit", "-q", "-m", "copy"], repo, env)
+
+    output = run(["dvc", "repro"], repo, env)
+    assert stages_run(output) == ALL_STAGES
+    manifest = json.loads((repo / "data/shards/manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows"] == 86
+    for name in ("teacher", "baseline", "student"):
+        assert (repo / "models" / name / "checkpoint.pt").is_file()
+        metrics = json.loads((repo / "results" / name / "test.json").read_text())
+        assert {"top1", "top5", "many", "medium", "few"} <= set(metrics)
+        assert 0 <= metrics["top1"] <= 100
+        assert (repo / "results" / name / "per_class.csv").is_file()
+    for name in ("teacher", "baseline"):
+        store = open_store(str(repo / "data" / "logits" / f"{name}.zarr"),
+                           fingerprint=manifest["fingerprint"], seed=0)
+        assert (store.views, store.rows, store.topk) == (2, 86, 10)
+    assert (repo / "results/student/train/metrics.json").is_file()
+
+    output = run(["dvc", "repro"], repo, env)
+    assert stages_run(output) == set()
+    assert "Data and pipelines are up to date" in output
+
+    # A student-only change: `dvc status` finds only train_student stale; repro reruns it and
+    # what depends on it (evaluate_student), never prepare, the teachers or the dumps.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["student"]["loss"] = "kl"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = set(json.loads(run(["dvc", "status", "--json"], repo, env)))
+    assert stale == {"train_student"}
+    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', run(["dvc", "dag", "--dot"], repo, env))
+    assert stale | downstream(stale, edges) == {"train_student", "evaluate_student"}
+
+
+def downstream(stages: set[str], edges: list[tuple[str, str]]) -> set[str]:
+    """Every stage reachable from `stages` along the DAG's edges."""
+    found, frontier = set(), set(stages)
+    while frontier:
+        frontier = {child for parent, child in edges if parent in frontier} - found
+        found |= frontier
+    return found

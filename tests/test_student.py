@@ -1,0 +1,188 @@
+"""train_student (pipeline.distill) end to end on tiny digits-LT shards, against a real dump.
+
+One module fixture runs stage one for real on 86 rows: prepare, a 1-epoch resnet8 teacher,
+dump_logits with k = C = 10 and the teacher's image size equal to the student's, so the cache is
+exact up to float16 storage and can be compared with the live teacher.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.augment import normalize
+from pipeline.distill import (CachedTeacher, OnlineTeacher, _run, crop_spec, file_sha256,
+                              load_model, student_objective, train_student, train_teacher)
+from pipeline.dump import dump_logits
+from pipeline.params import Params, ParamsError, check_consistency, parse
+from pipeline.store import StoreMismatchError, open_store
+from pipeline.stream import ViewSource, split_shards, train_loader
+from pipeline.train import CHECKPOINT, load_checkpoint
+from test_stream import IMAGE_SIZE, SEED, prepare_tiny_shards, write_row_coded_store
+
+NUM_CLASSES = 10
+
+
+def tiny_params(**student) -> Params:
+    """Params for the tiny run; `student` overrides keys of the student section."""
+    train = {"arch": "resnet8", "image_size": IMAGE_SIZE, "epochs": 1, "batch_size": 32,
+             "workers": 0}
+    raw = {
+        "seed": SEED,
+        "teachers": {"teacher": train},
+        "augment": {"crop_scale": [0.35, 1.0], "flip_probability": 0.5},
+        "logits": {"views": 2, "topk": NUM_CLASSES, "image_size": IMAGE_SIZE, "batch_size": 64,
+                   "prior_temperatures": [1.0, 100.0]},
+        "student": {**train, "teacher": "teacher", **student},
+        "evaluate": {"batch_size": 64},
+    }
+    return check_consistency(parse(Params, raw, ""))
+
+
+@pytest.fixture(scope="module")
+def stage_one(tmp_path_factory):
+    """(shards_dir, manifest, teacher checkpoint, store path) of a real tiny stage one."""
+    root = tmp_path_factory.mktemp("stage_one")
+    shards_dir, params = str(root / "shards"), tiny_params()
+    manifest = prepare_tiny_shards(shards_dir)
+    train_teacher(params, "teacher", shards_dir, str(root / "teacher"), str(root / "live"))
+    checkpoint = str(root / "teacher" / CHECKPOINT)
+    store_path = str(root / "teacher.zarr")
+    dump_logits(params, "teacher", shards_dir, checkpoint, store_path)
+    return shards_dir, manifest, checkpoint, store_path
+
+
+def first_batch(shards_dir, manifest, params, store, epoch=0):
+    views = ViewSource(params.seed, epoch, 1, crop_spec(params.augment), store,
+                       cached_views=params.logits.views)
+    loader = train_loader(split_shards(shards_dir, manifest, "train"), views, batch_size=32,
+                          image_size=IMAGE_SIZE, workers=0)
+    return next(iter(loader))
+
+
+def test_cached_and_online_teacher_give_the_same_loss(stage_one):
+    shards_dir, manifest, checkpoint, store_path = stage_one
+    params = tiny_params()
+    store = open_store(store_path, fingerprint=manifest["fingerprint"], seed=SEED,
+                       teacher_sha256=file_sha256(checkpoint))
+    assert (store.topk, store.num_classes, store.attributes["teacher_image_size"]) == (10, 10, 16)
+    batch = first_batch(shards_dir, manifest, params, store)
+    # The online student draws its views from the seed; at epoch e < V they are the crops the
+    # teacher's logits were dumped on, in the same shuffled order.
+    online_batch = first_batch(shards_dir, manifest, params, None)
+    assert torch.equal(online_batch["rows"], batch["rows"])
+    assert torch.equal(online_batch["images"], batch["images"])
+
+    images = normalize(batch["images"])
+    cached, _ = CachedTeacher(NUM_CLASSES, None, torch.device("cpu"))(batch, images)
+    teacher, _ = load_model(checkpoint)
+    online, weights = OnlineTeacher(teacher)(batch, images)
+    assert weights is None and online.shape == cached.shape == (32, NUM_CLASSES)
+    assert online.std() > 0.1  # a teacher that says something
+    # float16 storage rounds to within 2**-11 relative; the rest is float32 batch-size noise.
+    torch.testing.assert_close(cached, online, rtol=2**-10, atol=1e-5)
+
+    student_logits = 3 * torch.randn(32, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
+    labels = batch["labels"]
+    for loss in ("kl", "ikl"):
+        objective = student_objective(tiny_params(loss=loss).student)
+        from_cache = objective(student_logits, labels, cached, None)
+        live = objective(student_logits, labels, online, None)
+        for term in from_cache:
+            torch.testing.assert_close(from_cache[term], live[term], rtol=2e-3, atol=2e-4,
+                                       msg=f"{loss} {term}")
+
+
+def test_cached_teacher_gives_the_stored_prior_row_of_each_label(stage_one):
+    shards_dir, manifest, _, store_path = stage_one
+    params = tiny_params()
+    store = open_store(store_path)
+    batch = first_batch(shards_dir, manifest, params, store)
+    prior = store.class_prior(100.0)  # (C, C)
+    _, weights = CachedTeacher(NUM_CLASSES, prior, torch.device("cpu"))(
+        batch, normalize(batch["images"]))
+    assert torch.equal(weights, torch.from_numpy(prior)[batch["labels"]])
+    np.testing.assert_allclose(prior.sum(1), 1.0, rtol=1e-6)
+
+
+def read_metrics(live_dir) -> dict:
+    return json.loads((Path(live_dir) / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("student, kd_terms", [
+    ({"loss": "ce"}, set()),
+    ({"loss": "kl"}, {"kd"}),
+    ({"loss": "ikl", "ikl": {"weights": "sample"}}, {"kd", "kd_kl", "kd_wmse"}),
+    ({"loss": "ikl", "ikl": {"weights": "class_prior"}}, {"kd", "kd_kl", "kd_wmse"}),
+    ({"loss": "ikl", "online_teacher": True}, {"kd", "kd_kl", "kd_wmse"}),
+    ({"loss": "kl", "views_per_decode": 2}, {"kd"}),
+], ids=["ce", "kl", "ikl-sample", "ikl-class_prior", "ikl-online", "kl-two-views"])
+def test_train_student_one_epoch_writes_checkpoint_and_metrics(stage_one, tmp_path, student,
+                                                               kd_terms):
+    shards_dir, manifest, checkpoint, store_path = stage_one
+    uses_store = student["loss"] != "ce" and not student.get("online_teacher")
+    if student["loss"] == "ce":  # CE needs neither the store nor the teacher
+        store_path, checkpoint = str(tmp_path / "absent.zarr"), str(tmp_path / "absent.pt")
+    params = tiny_params(**student)
+    out, live = tmp_path / "student", tmp_path / "live"
+    metrics = train_student(params, shards_dir, store_path, checkpoint, str(out), str(live))
+
+    assert {"train/loss", "train/ce", "train/lr", "val/top1", "val/top5"} <= set(metrics)
+    assert {name for name in metrics if name.startswith("train/kd")} == {
+        f"train/{term}" for term in kd_terms}
+    assert all(np.isfinite(value) for value in metrics.values())
+    state = load_checkpoint(out / CHECKPOINT)
+    assert state["epoch"] == 0 and state["arch"] == "resnet8"
+    assert state["fingerprint"] == manifest["fingerprint"]
+    assert state["params"]["train"]["loss"] == student["loss"]
+    assert ("teacher_sha256" in state) == uses_store
+    model, _ = load_model(out / CHECKPOINT)
+    assert model(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).shape == (1, NUM_CLASSES)
+
+    logged = read_metrics(live)  # dvclive: metrics.json and one .tsv per metric
+    assert logged["step"] == 0
+    assert logged["train"]["loss"] == pytest.approx(metrics["train/loss"])
+    assert logged["val"]["top1"] == pytest.approx(metrics["val/top1"])
+    assert (live / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+
+
+def test_train_student_refuses_a_store_of_another_dataset_or_teacher(stage_one, tmp_path):
+    shards_dir, manifest, checkpoint, store_path = stage_one
+    params = tiny_params(loss="kl")
+    other_teacher = tmp_path / "other_teacher.pt"
+    state = load_checkpoint(checkpoint)
+    state["epoch"] = 7  # any other bytes: another teacher as far as the store can tell
+    torch.save(state, other_teacher)
+    with pytest.raises(StoreMismatchError, match="teacher_sha256"):
+        train_student(params, shards_dir, store_path, str(other_teacher),
+                      str(tmp_path / "a"), str(tmp_path / "live_a"))
+
+    other_dataset = tmp_path / "other_dataset.zarr"
+    labels = np.zeros(manifest["splits"]["train"]["rows"], dtype=np.int64)
+    write_row_coded_store(other_dataset, manifest, labels, fingerprint="f" * 64,
+                          teacher_sha256=file_sha256(checkpoint))
+    with pytest.raises(StoreMismatchError, match="fingerprint"):
+        train_student(params, shards_dir, str(other_dataset), checkpoint,
+                      str(tmp_path / "b"), str(tmp_path / "live_b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_online_teacher_with_class_prior_weights_is_refused_before_training():
+    with pytest.raises(ParamsError, match="student.online_teacher"):
+        tiny_params(loss="ikl", online_teacher=True,
+                    ikl={"weights": "class_prior", "weight_temperature": 1.0})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_steps_per_epoch_counts_every_workers_last_batch(stage_one, workers):
+    shards_dir, manifest, _, _ = stage_one
+    params = tiny_params(loss="ce", workers=workers)
+    run = _run(params, params.student, manifest, shards_dir, student_objective(params.student),
+               store=None, description="student")
+    steps = [sum(1 for _ in run.train_batches(epoch)) for epoch in range(3)]
+    # The LR schedule spans epochs * steps_per_epoch: fewer planned steps than taken would
+    # run the last ones at LR 0. With 2 workers each ends on its own partial batch.
+    assert max(steps) <= run.steps_per_epoch
+    assert steps == ([3] * 3 if workers == 0 else [4] * 3)  # 86 rows: ceil(86 / 32) = 3
