@@ -20,6 +20,11 @@ from pipeline.stream import ViewSource, eval_loader, split_shards, train_loader
 from pipeline.train import TrainRun, device_for_training, fit, load_checkpoint
 
 
+# Store attributes that change what a student learns (its resume identity includes them).
+STORE_IDENTITY = ("teacher_sha256", "fingerprint", "seed", "augmentation", "views", "topk",
+                  "teacher_image_size")
+
+
 def crop_spec(augment: AugmentParams) -> CropSpec:
     return CropSpec(scale=augment.crop_scale, ratio=augment.crop_ratio,
                     flip_probability=augment.flip_probability)
@@ -67,17 +72,22 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
     manifest = load_manifest(shards_dir)
     objective = student_objective(settings)
     store, targets = None, None
+    # The cached views; a store's own attributes replace these when the student reads one.
+    teacher_identity = {"views": params.logits.views}
     if objective.needs_teacher and settings.online_teacher:
         teacher, _ = load_model(teacher_checkpoint)
         targets = OnlineTeacher(teacher.to(device_for_training()))
+        teacher_identity.update(online_teacher_sha256=file_sha256(teacher_checkpoint))
     elif objective.needs_teacher:
         store = open_store(store_path, fingerprint=manifest["fingerprint"], seed=params.seed,
                            teacher_sha256=file_sha256(teacher_checkpoint))
         prior = (store.class_prior(settings.ikl.weight_temperature)
                  if objective.needs_class_prior else None)
         targets = CachedTeacher(manifest["num_classes"], prior, device_for_training())
+        teacher_identity = {key: store.attributes[key] for key in STORE_IDENTITY}
     run = _run(params, settings, manifest, shards_dir, objective, store=store,
-               teacher_targets=targets, description="student")
+               teacher_targets=targets, teacher_identity=teacher_identity,
+               description="student")
     return fit(_new_model(settings, manifest, params.seed), run, out_dir, live_dir)
 
 
@@ -135,7 +145,8 @@ def _new_model(settings: TrainParams, manifest: dict, seed: int) -> nn.Module:
 
 def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
          objective: DistillationObjective, *, store: LogitStore | None,
-         teacher_targets=None, description: str) -> TrainRun:
+         teacher_targets=None, teacher_identity: dict | None = None,
+         description: str) -> TrainRun:
     train_shards = split_shards(shards_dir, manifest, "train")
     val_split = "val" if "val" in manifest["splits"] else "test"
     val_shards = split_shards(shards_dir, manifest, val_split)
@@ -162,8 +173,8 @@ def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
     # a little above zero instead.
     steps_per_epoch = math.ceil(rows / settings.batch_size) + max(settings.workers - 1, 0)
     identity = model_identity(settings, params, manifest)
-    if store is not None:
-        identity["teacher_sha256"] = store.attributes["teacher_sha256"]
+    if is_student:  # what the student learns from: a checkpoint resumes only if it is unchanged
+        identity["targets"] = teacher_identity
     return TrainRun(settings, objective, train_batches, val_batches,
                     steps_per_epoch=steps_per_epoch, identity=identity,
                     teacher_targets=teacher_targets, description=description)

@@ -248,7 +248,7 @@ def _convert(hint: Any, value: Any, key_path: str) -> Any:
     if origin is tuple:
         item_hints = typing.get_args(hint)
         if item_hints[-1] is Ellipsis:  # tuple[float, ...]: any length but empty
-            item_hints = item_hints[:1] * len(value) if isinstance(value, list) else ()
+            item_hints = item_hints[:1] * len(value) if isinstance(value, (list, tuple)) else ()
         if not isinstance(value, (list, tuple)) or not value or len(value) != len(item_hints):
             count = len(item_hints) or "some"
             raise ParamsError(f"{key_path}: expected a list of {count} numbers, got {value!r}")

@@ -16,7 +16,7 @@ from pipeline.augment import normalize
 from pipeline.distill import (CachedTeacher, OnlineTeacher, _run, crop_spec, file_sha256,
                               load_model, student_objective, train_student, train_teacher)
 from pipeline.dump import dump_logits
-from pipeline.params import Params, ParamsError, check_consistency, parse
+from pipeline.params import Params, ParamsError, check_consistency, parse, to_dict
 from pipeline.store import StoreMismatchError, open_store
 from pipeline.stream import ViewSource, split_shards, train_loader
 from pipeline.train import CHECKPOINT, load_checkpoint
@@ -137,7 +137,11 @@ def test_train_student_one_epoch_writes_checkpoint_and_metrics(stage_one, tmp_pa
     assert state["epoch"] == 0 and state["arch"] == "resnet8"
     assert state["fingerprint"] == manifest["fingerprint"]
     assert state["params"]["train"]["loss"] == student["loss"]
-    assert ("teacher_sha256" in state) == uses_store
+    # The resume identity names what the student learned from: the store's teacher, k and V.
+    assert ("teacher_sha256" in state["targets"]) == uses_store
+    assert state["targets"]["views"] == params.logits.views
+    if uses_store:
+        assert state["targets"]["topk"] == NUM_CLASSES
     model, _ = load_model(out / CHECKPOINT)
     assert model(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).shape == (1, NUM_CLASSES)
 
@@ -186,3 +190,23 @@ def test_steps_per_epoch_counts_every_workers_last_batch(stage_one, workers):
     # run the last ones at LR 0. With 2 workers each ends on its own partial batch.
     assert max(steps) <= run.steps_per_epoch
     assert steps == ([3] * 3 if workers == 0 else [4] * 3)  # 86 rows: ceil(86 / 32) = 3
+
+
+def test_a_different_store_does_not_resume_the_student(stage_one, tmp_path):
+    """A finished student rerun against a store with other top-k trains again from scratch."""
+    shards_dir, manifest, checkpoint, store_path = stage_one
+    params = tiny_params()
+    out, live = str(tmp_path / "student"), str(tmp_path / "live")
+    train_student(params, shards_dir, store_path, checkpoint, out, live)
+    first = load_checkpoint(Path(out) / CHECKPOINT)["model"]
+    assert train_student(params, shards_dir, store_path, checkpoint, out, live)  # resumes: done
+    assert all(torch.equal(first[k], v) for k, v in
+               load_checkpoint(Path(out) / CHECKPOINT)["model"].items())
+    top2 = tmp_path / "top2.zarr"
+    dump_params = check_consistency(parse(Params, {**to_dict(params), "logits": {
+        **to_dict(params.logits), "topk": 2}}, ""))
+    dump_logits(dump_params, "teacher", shards_dir, checkpoint, str(top2))
+    train_student(dump_params, shards_dir, str(top2), checkpoint, out, live)
+    state = load_checkpoint(Path(out) / CHECKPOINT)
+    assert state["targets"]["topk"] == 2 and state["epoch"] == 0
+    assert not all(torch.equal(first[k], v) for k, v in state["model"].items())
