@@ -4,7 +4,6 @@ against cached or online teacher logits)."""
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 
 import torch
@@ -16,8 +15,9 @@ from pipeline.models import build_model
 from pipeline.params import AugmentParams, Params, StudentParams, TrainParams, to_dict
 from pipeline.shards import load_manifest
 from pipeline.store import LogitStore, open_store
-from pipeline.stream import ViewSource, eval_loader, split_shards, train_loader
-from pipeline.train import TrainRun, device_for_training, fit, load_checkpoint
+from pipeline.distributed import distributed
+from pipeline.stream import ViewSource, epoch_steps, eval_loader, split_shards, train_loader
+from pipeline.train import TrainRun, fit, load_checkpoint
 
 
 # Store attributes that change what a student learns (its resume identity includes them).
@@ -76,14 +76,14 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
     teacher_identity = {"views": params.logits.views}
     if objective.needs_teacher and settings.online_teacher:
         teacher, _ = load_model(teacher_checkpoint)
-        targets = OnlineTeacher(teacher.to(device_for_training()))
+        targets = OnlineTeacher(teacher.to(distributed().device))
         teacher_identity.update(online_teacher_sha256=file_sha256(teacher_checkpoint))
     elif objective.needs_teacher:
         store = open_store(store_path, fingerprint=manifest["fingerprint"], seed=params.seed,
                            teacher_sha256=file_sha256(teacher_checkpoint))
         prior = (store.class_prior(settings.ikl.weight_temperature)
                  if objective.needs_class_prior else None)
-        targets = CachedTeacher(manifest["num_classes"], prior, device_for_training())
+        targets = CachedTeacher(manifest["num_classes"], prior, distributed().device)
         teacher_identity = {key: store.attributes[key] for key in STORE_IDENTITY}
     run = _run(params, settings, manifest, shards_dir, objective, store=store,
                teacher_targets=targets, teacher_identity=teacher_identity,
@@ -152,26 +152,23 @@ def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
     val_shards = split_shards(shards_dir, manifest, val_split)
     is_student = isinstance(settings, StudentParams)
     views_per_decode = settings.views_per_decode if is_student else 1
-    pin = torch.cuda.is_available()
+    ranks = distributed()
+    pin = ranks.device.type == "cuda"
 
     def train_batches(epoch: int):
         views = ViewSource(params.seed, epoch, views_per_decode, crop_spec(params.augment),
                            store, cached_views=params.logits.views if is_student else 0)
         return train_loader(train_shards, views, batch_size=settings.batch_size,
                             image_size=settings.image_size, workers=settings.workers,
-                            pin_memory=pin)
+                            rank=ranks.rank, world_size=ranks.world_size, pin_memory=pin)
 
     def val_batches():
         return eval_loader(val_shards, batch_size=params.evaluate.batch_size,
                            image_size=settings.image_size, workers=settings.workers,
-                           pin_memory=pin)
+                           rank=ranks.rank, world_size=ranks.world_size, pin_memory=pin)
 
-    rows = manifest["splits"]["train"]["rows"] * views_per_decode
-    # Each DataLoader worker batches its own shards and may end the epoch on a partial batch:
-    # up to workers - 1 more steps than one stream. Uncounted, the cosine schedule reaches zero
-    # before training ends (at 3/4 of it on 86 rows, batch 32, 2 workers); counted, it may end
-    # a little above zero instead.
-    steps_per_epoch = math.ceil(rows / settings.batch_size) + max(settings.workers - 1, 0)
+    steps_per_epoch = epoch_steps(manifest["splits"]["train"]["rows"], views_per_decode,
+                                  settings.batch_size, ranks.world_size)
     identity = model_identity(settings, params, manifest)
     if is_student:  # what the student learns from: a checkpoint resumes only if it is unchanged
         identity["targets"] = teacher_identity

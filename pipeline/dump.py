@@ -10,15 +10,13 @@ partial one. The store is marked complete only after every shard and the priors 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.augment import apply_view, draw_views, normalize
 from pipeline.distill import crop_spec, file_sha256, load_model
+from pipeline.distributed import distributed
 from pipeline.errors import UserError
 from pipeline.losses import ClassPriorAccumulator
 from pipeline.params import Params
@@ -26,14 +24,14 @@ from pipeline.shards import load_manifest
 from pipeline.store import (StoreMismatchError, class_id_dtype, completed_shards,
                             create_store, drop_prior_partials, finalize_store,
                             reduce_prior_partials, write_prior_partials, write_shard)
-from pipeline.stream import Shard, decode, split_shards
-from pipeline.train import device_for_training
+from pipeline.stream import Shard, decode, read_shard, split_shards
 
 
 def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: str,
-                store_path: str, *, rank: int = 0, world_size: int = 1) -> None:
-    """Fill `store_path` with `teacher_name`'s logits on every train row (this rank's shards:
-    index % world_size == rank)."""
+                store_path: str) -> None:
+    """Fill `store_path` with `teacher_name`'s logits on every train row. Under torchrun each
+    rank writes the shards index % world_size == rank; rank 0 creates the store first and
+    writes the priors and the completion flag after every rank is done."""
     # The name is recorded in the store and names the teacher to `inspect` and the student's
     # `student.teacher`: a typo must stop here, not yield a store nobody will look for.
     if teacher_name not in params.teachers:
@@ -45,9 +43,9 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
     num_classes = manifest["num_classes"]
     if settings.topk > num_classes:
         raise UserError(f"logits.topk: {settings.topk} exceeds the {num_classes} classes")
-    device = device_for_training()
+    ranks = distributed()
     teacher, state = load_model(checkpoint)
-    teacher = teacher.to(device)
+    teacher = teacher.to(ranks.device)
     attributes = {
         "teacher_name": teacher_name, "teacher_arch": state["arch"],
         "teacher_sha256": file_sha256(checkpoint), "teacher_image_size": settings.image_size,
@@ -60,17 +58,27 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
     shape = dict(rows=manifest["splits"]["train"]["rows"], views=settings.views,
                  topk=settings.topk, num_classes=num_classes,
                  shard_rows=shards[0].stop - shards[0].start)
-    try:  # resume an unfinished dump of exactly this teacher, data and settings
+    if ranks.is_main:
+        group = _open_for_writing(store_path, shape, attributes)
+    ranks.barrier()  # the other ranks open the store rank 0 has created or kept
+    if not ranks.is_main:
         group = create_store(store_path, **shape, attributes=attributes)
+    done = completed_shards(group)
+    todo = [i for i in range(len(shards)) if i % ranks.world_size == ranks.rank and i not in done]
+    for index in tqdm(todo, desc=f"dump {teacher_name}", unit="shard", disable=not ranks.is_main):
+        _dump_shard(group, index, shards[index], teacher, params, ranks.device)
+    ranks.barrier()  # every shard is written before the priors are reduced
+    if ranks.is_main:
+        finish_store(group)
+    ranks.barrier()
+
+
+def _open_for_writing(store_path: str, shape: dict, attributes: dict):
+    try:  # resume an unfinished dump of exactly this teacher, data and settings
+        return create_store(store_path, **shape, attributes=attributes)
     except StoreMismatchError as reason:  # anything else there is stale: start afresh
         print(f"starting {store_path} afresh: {reason}")
-        group = create_store(store_path, **shape, attributes=attributes, overwrite=True)
-    done = completed_shards(group)
-    todo = [i for i in range(len(shards)) if i % world_size == rank and i not in done]
-    for index in tqdm(todo, desc=f"dump {teacher_name}", unit="shard"):
-        _dump_shard(group, index, shards[index], teacher, params, device)
-    if world_size == 1:
-        finish_store(group)
+        return create_store(store_path, **shape, attributes=attributes, overwrite=True)
 
 
 def finish_store(group) -> None:
@@ -81,8 +89,8 @@ def finish_store(group) -> None:
 
 def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, device) -> None:
     settings = params.logits
-    samples = list(wds.WebDataset(shard.url, shardshuffle=False))
-    metas = [json.loads(sample["json"]) for sample in samples]
+    samples = list(read_shard(shard))
+    metas = [sample["meta"] for sample in samples]
     images = [decode(sample) for sample in samples]  # decoded once, cropped V times
     rows = np.array([meta["row"] for meta in metas])
     labels = np.array([meta["label"] for meta in metas])

@@ -32,6 +32,8 @@ def predict(model: nn.Module, batches: Iterable[dict], device: torch.device):
             all_logits.append(model(images).float().cpu())
         all_labels.append(batch["labels"])
     model.train(was_training)
+    if not all_logits:  # no batches (e.g. a rank with no shard of this split)
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
@@ -89,7 +91,7 @@ def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: s
     from pipeline.distill import load_model
     from pipeline.shards import load_manifest
     from pipeline.stream import eval_loader, split_shards
-    from pipeline.train import device_for_training
+    from pipeline.distributed import distributed
 
     manifest = load_manifest(shards_dir)
     model, state = load_model(checkpoint)
@@ -97,7 +99,7 @@ def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: s
         raise UserError(f"{checkpoint} was trained on another dataset (fingerprint "
                         f"{state['fingerprint'][:12]}, shards {manifest['fingerprint'][:12]})"
                         "; rerun its training stage")
-    device = device_for_training()
+    device = distributed().device
     image_size = state["params"]["train"]["image_size"]
     batches = eval_loader(split_shards(shards_dir, manifest, "test"),
                           batch_size=settings.batch_size, image_size=image_size, workers=0)

@@ -19,6 +19,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator
 
+import fsspec
 import webdataset as wds
 from tqdm import tqdm
 
@@ -150,17 +151,12 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def load_manifest(shards_dir: str | Path) -> dict:
-    """The manifest of a prepared shard folder, with a clear error when it is missing."""
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; run the prepare stage (dvc repro "
-                                "prepare) to write the shards first")
-    return json.loads(path.read_text())
-
-
-def shard_paths(shards_dir: str | Path, manifest: dict, split: str) -> list[str]:
-    """Paths of a split's shards, in row order."""
-    if split not in manifest["splits"]:
-        raise KeyError(f"{shards_dir}: the dataset has no {split!r} split "
-                       f"(it has {', '.join(manifest['splits'])})")
-    return [str(Path(shards_dir) / s["file"]) for s in manifest["splits"][split]["shards"]]
+    """The manifest of a prepared shard folder (a local path or an fsspec URL), with a clear
+    error when it is missing."""
+    url = f"{str(shards_dir).rstrip('/')}/{MANIFEST}"
+    try:
+        with fsspec.open(url, "r") as stream:
+            return json.load(stream)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no manifest; run the prepare stage (dvc repro "
+                                "prepare) to write the shards first") from None

@@ -1,10 +1,16 @@
 """Streaming WebDataset shards into training and evaluation batches.
 
-Training chain (one epoch): shard list -> seeded shard shuffle -> split by node (rank) ->
-split by DataLoader worker -> tar samples -> attach each sample's crop (and, for a student,
-its cached teacher logits, read once per shard) -> shuffle buffer -> decode once -> m crops ->
-batch. The logits ride along with their own sample through the shuffle, so pairing cannot
-drift; a store row whose label differs from the shard's stops the run.
+Training chain (one epoch): shard list -> seeded shard shuffle -> this rank's rows (an equal
+share of the epoch's shuffled row order, set explicitly) -> split by DataLoader worker -> tar
+samples (opened through fsspec: local paths or URLs) -> attach each sample's crop (and, for a
+student, its cached teacher logits, read once per shard) -> shuffle buffer -> decode once ->
+m crops -> small chunks in the workers -> exact batches in the main process. The logits ride
+along with their own sample through the shuffle, so pairing cannot drift; a store row whose
+label differs from the shard's stops the run.
+
+Every rank gets ceil(N / world_size) rows per epoch (the last ranks wrap around to the start
+of the epoch's order, as DistributedSampler pads) and so the same number of batches, which
+DDP needs; with one process every row is seen exactly once.
 
 A batch is a dict of tensors: `images` (B, 3, S, S) uint8, `labels` (B,) int64, `rows` (B,)
 int64, and for a student `topk_logits` (B, k) float16, `topk_classes` (B, k) int64,
@@ -17,22 +23,34 @@ import io
 import json
 from dataclasses import dataclass
 
+import fsspec
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, default_collate
 from PIL import Image
+from torch.utils.data import DataLoader, default_collate
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.augment import CropSpec, apply_view, draw_views, eval_view
 from pipeline.errors import UserError
 
 SHUFFLE_BUFFER = 2000  # samples (still encoded): a few shards' worth mixes classes well
+WORKER_CHUNK = 16  # samples a worker sends at once: few transfers, exact batches after
 
 
 @dataclass(frozen=True)
 class Shard:
     url: str
     start: int  # global row range [start, stop)
+    stop: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, stop) of one shard, read by one rank in one epoch."""
+
+    shard: Shard
+    start: int
     stop: int
 
 
@@ -79,31 +97,89 @@ class ViewSource:
 
 def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
                  image_size: int, workers: int, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False) -> DataLoader:
+                 pin_memory: bool = False) -> EpochBatches:
     """One epoch of training batches for this rank (see the module docstring)."""
     order = np.random.default_rng([views.seed, views.epoch]).permutation(len(shards))
-    mine = [shards[i] for i in order][rank::world_size]  # node split, set explicitly
-    by_url = {s.url: s for s in mine}
+    segments = rank_segments([shards[i] for i in order], rank, world_size)
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList([s.url for s in mine]),
+        _segment_list(segments),
         wds.split_by_worker,
-        wds.tarfile_to_samples(),
-        _attach_views(by_url, views),
+        _read_samples,
+        _attach_views(views),
         wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 4, seed=int(
             np.random.SeedSequence([views.seed, views.epoch, rank]).generate_state(1)[0])),
         _decode_and_crop(views, image_size),
-        wds.batched(batch_size, collation_fn=default_collate, partial=True),
+        wds.batched(min(batch_size, WORKER_CHUNK), collation_fn=default_collate, partial=True),
     )
-    return _loader(pipeline, workers, pin_memory)
+    rows = sum(s.stop - s.start for s in segments)
+    steps = -(-rows * views.views_per_decode // batch_size)
+    return EpochBatches(_loader(pipeline, workers, pin_memory), batch_size, steps)
+
+
+def epoch_steps(rows: int, views_per_decode: int, batch_size: int, world_size: int) -> int:
+    """Optimizer steps per epoch on every rank: ceil(ceil(N / W) * m / B)."""
+    return -(-(-(-rows // world_size)) * views_per_decode // batch_size)
+
+
+def rank_segments(shards: list[Shard], rank: int, world_size: int) -> list[Segment]:
+    """This rank's share of the rows of `shards` taken in the given order: positions
+    [rank * n, (rank + 1) * n) with n = ceil(N / world_size), wrapping past the end."""
+    total = sum(s.stop - s.start for s in shards)
+    share = -(-total // world_size)
+    wanted = [(rank * share, min((rank + 1) * share, total))]
+    if (rank + 1) * share > total:  # pad: wrap around to the epoch's first rows
+        wanted.append((0, (rank + 1) * share - max(rank * share, total)))
+    segments, offset = [], 0
+    for shard in shards:
+        size = shard.stop - shard.start
+        for low, high in wanted:
+            lo, hi = max(low, offset), min(high, offset + size)
+            if lo < hi:
+                segments.append(Segment(shard, shard.start + lo - offset,
+                                        shard.start + hi - offset))
+        offset += size
+    return segments
+
+
+class EpochBatches:
+    """The batches of one epoch: workers send small chunks, cut here into exact batches so
+    the count is known in advance (`len`) and equal on every rank."""
+
+    def __init__(self, loader: DataLoader, batch_size: int, steps: int):
+        self.loader, self.batch_size, self.steps = loader, batch_size, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        pending, count = [], 0
+        for chunk in self.loader:
+            pending.append(chunk)
+            count += len(chunk["labels"])
+            while count >= self.batch_size:
+                merged = _concat(pending)
+                yield {key: value[:self.batch_size] for key, value in merged.items()}
+                count -= self.batch_size
+                pending = [{key: value[self.batch_size:] for key, value in merged.items()}]
+        if count:
+            yield _concat(pending)
+
+
+def _concat(chunks: list[dict]) -> dict:
+    if len(chunks) == 1:
+        return chunks[0]
+    return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
 
 
 def eval_loader(shards: list[Shard], *, batch_size: int, image_size: int, workers: int,
-                pin_memory: bool = False) -> DataLoader:
-    """Evaluation batches: resize + center crop, every sample once, no shuffling."""
+                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """Evaluation batches: resize + center crop, no shuffling; this rank's whole shards
+    (every sample once over all ranks)."""
+    segments = [Segment(s, s.start, s.stop) for s in shards[rank::world_size]]
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList([s.url for s in shards]),
+        _segment_list(segments),
         wds.split_by_worker,
-        wds.tarfile_to_samples(),
+        _read_samples,
         wds.map(lambda sample: _eval_sample(sample, image_size)),
         wds.batched(batch_size, collation_fn=default_collate, partial=True),
     )
@@ -111,8 +187,38 @@ def eval_loader(shards: list[Shard], *, batch_size: int, image_size: int, worker
 
 
 def _loader(pipeline, workers: int, pin_memory: bool) -> DataLoader:
-    # Batches are built in the workers; each worker reads whole, disjoint shards.
+    # Batches (or chunks) are built in the workers; each worker reads whole, disjoint shards.
     return DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=pin_memory)
+
+
+def _segment_list(segments: list[Segment]):
+    """Pipeline source: one {"url", "segment"} per segment, in order."""
+
+    def source():
+        for segment in segments:
+            yield {"url": segment.shard.url, "segment": segment}
+
+    return source
+
+
+def read_shard(shard: Shard):
+    """Every sample of one shard, in row order, with its parsed `meta` (json)."""
+    yield from _read_samples([{"url": shard.url, "segment": Segment(shard, shard.start,
+                                                                     shard.stop)}])
+
+
+def _read_samples(sources):
+    """Stage: the samples of each segment, its tar opened through fsspec (any local path or
+    URL fsspec knows: file://, s3://, gs://, memory://, ...)."""
+    for source in sources:
+        segment = source["segment"]
+        with fsspec.open(source["url"], "rb") as stream:
+            files = tar_file_expander([{"url": source["url"], "stream": stream}])
+            for sample in group_by_keys(files):
+                meta = json.loads(sample["json"])
+                if segment.start <= meta["row"] < segment.stop:
+                    sample["meta"], sample["segment"] = meta, segment
+                    yield sample
 
 
 def decode(sample: dict) -> torch.Tensor:
@@ -127,27 +233,26 @@ def decode(sample: dict) -> torch.Tensor:
 
 
 def _eval_sample(sample: dict, image_size: int) -> dict:
-    meta = json.loads(sample["json"])
+    meta = sample["meta"]
     return {"images": eval_view(decode(sample), image_size), "labels": meta["label"],
             "rows": meta["row"]}
 
 
-def _attach_views(by_url: dict[str, Shard], views: ViewSource):
-    """Stage: parse each (still encoded) sample's metadata and, from a store, attach its m
-    cached views (crop + logits), read once per shard."""
+def _attach_views(views: ViewSource):
+    """Stage: from a store, attach each (still encoded) sample's m cached views (crop and
+    logits), read once per shard and view."""
     view_ids = views.view_ids()
 
     def stage(samples):
         current, cached = None, None
         for sample in samples:
-            sample["meta"] = meta = json.loads(sample["json"])
             if views.store is not None:
-                shard = by_url[sample["__url__"]]
+                shard = sample["segment"].shard
                 if shard is not current:  # one read per view per shard per epoch
                     current = shard
                     cached = [views.store.read_rows(v, shard.start, shard.stop)
                               for v in view_ids]
-                sample["views"] = [_cached_view(part, meta, shard, views.store)
+                sample["views"] = [_cached_view(part, sample["meta"], shard, views.store)
                                    for part in cached]
             yield sample
 

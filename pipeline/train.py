@@ -20,9 +20,11 @@ from typing import Callable, Iterable
 import torch
 from dvclive import Live
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline.augment import normalize
+from pipeline.distributed import Distributed, distributed
 from pipeline.evaluate import predict, top_k_accuracy
 from pipeline.losses import DistillationObjective
 from pipeline.params import TrainParams
@@ -48,17 +50,15 @@ class TrainRun:
     description: str = "train"
 
 
-def device_for_training() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Path) -> dict:
     """Train `model` per `run`, checkpointing to out_dir/checkpoint.pt; returns the last
     epoch's metrics. Rerun after a crash, it resumes from the checkpoint when the checkpoint's
-    identity (params, fingerprint) equals `run.identity`."""
-    device = device_for_training()
-    cuda = device.type == "cuda"
-    model = model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    identity (params, fingerprint) equals `run.identity`. Under torchrun it trains with DDP:
+    metrics are reduced over ranks, rank 0 writes the checkpoint and the dvclive output."""
+    ranks = distributed()
+    cuda = ranks.device.type == "cuda"
+    model = model.to(ranks.device,
+                     memory_format=torch.channels_last if cuda else torch.preserve_format)
     settings = run.settings
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
@@ -68,51 +68,73 @@ def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Pa
         optimizer, lambda step: _warmup_cosine(step, warmup_steps, total_steps))
     checkpoint_path = Path(out_dir) / CHECKPOINT
     start_epoch, metrics = _resume(checkpoint_path, run.identity, model, optimizer, scheduler)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    with Live(str(live_dir), resume=start_epoch > 0, save_dvc_exp=False, dvcyaml=None) as live:
-        # The dvclive step is the epoch. Its own resume reads the last logged step and adds 1,
-        # except after step 0, which it cannot tell from an empty log: a resume after the first
-        # epoch would log epoch 2 as step 0 again. The checkpoint knows the epoch; use it.
-        live.step = start_epoch
+    trained = model if ranks.world_size == 1 else DistributedDataParallel(model)
+    logger = (Live(str(live_dir), resume=start_epoch > 0, save_dvc_exp=False, dvcyaml=None)
+              if ranks.is_main else nullcontext())
+    with logger as live:
+        if live:
+            # The dvclive step is the epoch. Its own resume reads the last logged step and
+            # adds 1, except after step 0, which it cannot tell from an empty log: a resume
+            # after the first epoch would log epoch 2 as step 0 again. The checkpoint knows.
+            live.step = start_epoch
         for epoch in range(start_epoch, settings.epochs):
-            model.train()
-            sums, count = defaultdict(float), 0
-            batches = tqdm(run.train_batches(epoch), total=run.steps_per_epoch,
-                           desc=f"{run.description} epoch {epoch + 1}/{settings.epochs}")
-            for batch in batches:
-                images = normalize(batch["images"].to(device, non_blocking=True))
-                if cuda:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                labels = batch["labels"].to(device, non_blocking=True)
-                teacher_logits, class_weights = (
-                    run.teacher_targets(batch, images) if run.teacher_targets else (None, None))
-                with autocast:
-                    student_logits = model(images)  # (B, C)
-                losses = run.objective(student_logits.float(), labels, teacher_logits,
-                                       class_weights)
-                optimizer.zero_grad(set_to_none=True)
-                losses["loss"].backward()
-                optimizer.step()
-                scheduler.step()
-                for name, value in losses.items():
-                    sums[name] += value.item() * len(labels)
-                count += len(labels)
-                batches.set_postfix(loss=f"{sums['loss'] / count:.3f}")
-            metrics = {f"train/{name}": total / count for name, total in sums.items()}
+            sums = _train_epoch(trained, run, epoch, optimizer, scheduler, ranks)
+            totals = dict(zip(sums, ranks.sum(list(sums.values()))))
+            samples = totals.pop("samples")
+            metrics = {f"train/{name}": total / samples for name, total in totals.items()}
             metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-            metrics.update(validate(model, run.val_batches(), device))
-            for name, value in metrics.items():
-                live.log_metric(name, value)
-            live.next_step()
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, metrics,
-                             run.identity)
+            metrics.update(validate(model, run.val_batches(), ranks))
+            if live:
+                for name, value in metrics.items():
+                    live.log_metric(name, value)
+                live.next_step()
+                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, metrics,
+                                 run.identity)
+            ranks.barrier()  # no rank starts the next epoch before the checkpoint exists
     return metrics
 
 
-def validate(model: nn.Module, batches: Iterable[dict], device: torch.device) -> dict:
-    logits, labels = predict(model, batches, device)
-    return {"val/top1": top_k_accuracy(logits, labels, 1),
-            "val/top5": top_k_accuracy(logits, labels, min(5, logits.shape[1]))}
+def _train_epoch(model: nn.Module, run: TrainRun, epoch: int, optimizer, scheduler,
+                 ranks: Distributed) -> dict[str, float]:
+    """One epoch on this rank; returns sample-weighted sums of each loss term + `samples`."""
+    cuda = ranks.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    model.train()
+    sums = defaultdict(float)
+    batches = tqdm(run.train_batches(epoch), total=run.steps_per_epoch,
+                   disable=not ranks.is_main,
+                   desc=f"{run.description} epoch {epoch + 1}/{run.settings.epochs}")
+    for batch in batches:
+        images = normalize(batch["images"].to(ranks.device, non_blocking=True))
+        if cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = batch["labels"].to(ranks.device, non_blocking=True)
+        teacher_logits, class_weights = (
+            run.teacher_targets(batch, images) if run.teacher_targets else (None, None))
+        with autocast:
+            student_logits = model(images)  # (B, C)
+        losses = run.objective(student_logits.float(), labels, teacher_logits, class_weights)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        scheduler.step()
+        for name, value in losses.items():
+            sums[name] += value.item() * len(labels)
+        sums["samples"] += len(labels)
+        batches.set_postfix(loss=f"{sums['loss'] / sums['samples']:.3f}")
+    return dict(sums)
+
+
+def validate(model: nn.Module, batches: Iterable[dict], ranks: Distributed) -> dict:
+    """Top-1/top-5 (%) over this rank's share of the batches, summed over ranks. Runs the
+    plain module (not DDP), so ranks with different batch counts never wait on each other."""
+    logits, labels = predict(model, batches, ranks.device)
+    correct = [0.0, 0.0]
+    if len(labels):  # a rank may hold no validation shard
+        correct = [top_k_accuracy(logits, labels, k) * len(labels) / 100
+                   for k in (1, min(5, logits.shape[1]))]
+    top1, top5, count = ranks.sum([*correct, len(labels)])
+    return {"val/top1": 100.0 * top1 / count, "val/top5": 100.0 * top5 / count}
 
 
 def _warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:

@@ -8,8 +8,9 @@ from click.testing import CliRunner
 
 from conftest import save_image
 from pipeline.params import DataParams
-from pipeline.shards import load_manifest, prepare_shards, shard_paths
+from pipeline.shards import load_manifest, prepare_shards
 from pipeline.sources import SourceError, long_tail_counts
+from pipeline.stream import split_shards
 from stages.prepare import main as prepare_stage
 
 
@@ -20,7 +21,7 @@ def prepare(tmp_path, name="shards", **options):
 
 
 def read_split(out, manifest, split):
-    return list(wds.WebDataset(shard_paths(out, manifest, split), shardshuffle=False))
+    return list(wds.WebDataset([s.url for s in split_shards(str(out), manifest, split)], shardshuffle=False))
 
 
 def assert_rows_contiguous(manifest, split):

@@ -17,7 +17,7 @@ import webdataset as wds
 from pipeline.augment import CropSpec, apply_view, draw_views
 from pipeline.errors import UserError
 from pipeline.params import DataParams
-from pipeline.shards import prepare_shards, shard_paths
+from pipeline.shards import prepare_shards
 from pipeline.store import (StoreMismatchError, class_id_dtype, create_store, finalize_store,
                             open_store, shard_bounds, write_shard)
 from pipeline.stream import (FRESH_VIEW_OFFSET, ViewSource, decode, split_shards,
@@ -44,7 +44,7 @@ def prepare_tiny_shards(out_dir, **changes) -> dict:
 
 def train_samples(shards_dir, manifest) -> dict[int, dict]:
     """row -> its train sample as written (encoded), read in row order."""
-    samples = wds.WebDataset(shard_paths(shards_dir, manifest, "train"), shardshuffle=False)
+    samples = wds.WebDataset([s.url for s in split_shards(str(shards_dir), manifest, "train")], shardshuffle=False)
     by_row = {json.loads(sample["json"])["row"]: sample for sample in samples}
     assert list(by_row) == list(range(manifest["splits"]["train"]["rows"]))
     return by_row
