@@ -1,0 +1,48 @@
+"""Shards and logit stores through fsspec URLs (here fsspec's in-memory filesystem, standing
+in for s3://, gs://, ...): prepare writes locally, everything after reads (and the dump
+writes) by URL."""
+
+import fsspec
+import numpy as np
+import pytest
+
+from helpers_stage_one import TRAIN_ROWS, stage_one_data, teacher_checkpoint  # noqa: F401
+from pipeline.distill import train_student
+from pipeline.dump import dump_logits
+from pipeline.shards import load_manifest
+from pipeline.store import open_store
+from pipeline.stream import ViewSource, split_shards, train_loader
+
+
+@pytest.fixture
+def shards_url(stage_one_data):
+    memory = fsspec.filesystem("memory")
+    memory.put(str(stage_one_data.shards_dir), "/url_test/shards", recursive=True)
+    yield "memory://url_test/shards"
+    memory.rm("/url_test", recursive=True)
+
+
+def test_shards_and_store_by_url(stage_one_data, teacher_checkpoint, shards_url, tmp_path):
+    data = stage_one_data
+    manifest = load_manifest(shards_url)
+    assert manifest == data.manifest
+    shards = split_shards(shards_url, manifest, "train")
+    assert shards[0].url == "memory://url_test/shards/train-000000.tar"
+    batches = list(train_loader(shards, ViewSource(data.params.seed, 0), batch_size=8,
+                                image_size=8, workers=0))
+    assert sorted(r for b in batches for r in b["rows"].tolist()) == list(range(TRAIN_ROWS))
+
+    store_url = "memory://url_test/teacher.zarr"
+    dump_logits(data.params, "teacher", shards_url, str(teacher_checkpoint), store_url)
+    local = tmp_path / "local.zarr"
+    dump_logits(data.params, "teacher", str(data.shards_dir), str(teacher_checkpoint),
+                str(local))
+    by_url, on_disk = open_store(store_url), open_store(str(local))
+    assert by_url.attributes == on_disk.attributes
+    for view in range(by_url.views):
+        for name, values in on_disk.read_rows(view, 0, TRAIN_ROWS).items():
+            assert np.array_equal(by_url.read_rows(view, 0, TRAIN_ROWS)[name], values), name
+
+    metrics = train_student(data.params, shards_url, store_url, str(teacher_checkpoint),
+                            str(tmp_path / "student"), str(tmp_path / "live"))
+    assert np.isfinite(metrics["train/loss"])
