@@ -112,20 +112,24 @@ def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
         wds.batched(min(batch_size, WORKER_CHUNK), collation_fn=default_collate, partial=True),
     )
     rows = sum(s.stop - s.start for s in segments)
-    steps = -(-rows * views.views_per_decode // batch_size)
+    steps = _ceil_div(rows * views.views_per_decode, batch_size)
     return EpochBatches(_loader(pipeline, workers, pin_memory), batch_size, steps)
 
 
 def epoch_steps(rows: int, views_per_decode: int, batch_size: int, world_size: int) -> int:
     """Optimizer steps per epoch on every rank: ceil(ceil(N / W) * m / B)."""
-    return -(-(-(-rows // world_size)) * views_per_decode // batch_size)
+    return _ceil_div(_ceil_div(rows, world_size) * views_per_decode, batch_size)
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
 
 
 def rank_segments(shards: list[Shard], rank: int, world_size: int) -> list[Segment]:
     """This rank's share of the rows of `shards` taken in the given order: positions
     [rank * n, (rank + 1) * n) with n = ceil(N / world_size), wrapping past the end."""
     total = sum(s.stop - s.start for s in shards)
-    share = -(-total // world_size)
+    share = _ceil_div(total, world_size)
     wanted = [(rank * share, min((rank + 1) * share, total))]
     if (rank + 1) * share > total:  # pad: wrap around to the epoch's first rows
         wanted.append((0, (rank + 1) * share - max(rank * share, total)))
