@@ -21,9 +21,10 @@ from pipeline.errors import UserError
 from pipeline.losses import ClassPriorAccumulator
 from pipeline.params import Params
 from pipeline.shards import load_manifest
-from pipeline.store import (StoreMismatchError, class_id_dtype, completed_shards,
-                            create_store, drop_prior_partials, finalize_store,
-                            reduce_prior_partials, write_prior_partials, write_shard)
+from pipeline.store import (StoreMismatchError, check_image_sides, class_id_dtype,
+                            completed_shards, create_store, drop_prior_partials,
+                            finalize_store, reduce_prior_partials, write_prior_partials,
+                            write_shard)
 from pipeline.stream import Shard, decode, read_shard, split_shards
 
 
@@ -54,6 +55,8 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
         # Part of the identity: shards written before a change of temperatures hold no prior
         # partial sums at the new ones, so such a store must be dumped afresh, not resumed.
         "prior_temperatures": sorted(float(t) for t in settings.prior_temperatures),
+        # The store encodes boxes exactly up to this side; smaller sides, fewer bytes.
+        "max_image_side": manifest["splits"]["train"]["max_image_side"],
     }
     shape = dict(rows=manifest["splits"]["train"]["rows"], views=settings.views,
                  topk=settings.topk, num_classes=num_classes,
@@ -99,6 +102,7 @@ def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, device
                         f"[{shard.start}, {shard.stop}); rerun prepare")
     heights = [image.shape[1] for image in images]
     widths = [image.shape[2] for image in images]
+    check_image_sides(group.attrs, rows, heights, widths)
     boxes, flips = draw_views(params.seed, settings.views, rows, heights, widths,
                               spec=crop_spec(params.augment))  # (V, n, 4), (V, n)
     num_classes = group.attrs["num_classes"]

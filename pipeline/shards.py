@@ -66,6 +66,7 @@ def _write_split(split: str, items: list[Item], out_dir: Path, params: DataParam
     """Encode and write one split's shards; rows are contiguous over the written samples."""
     shards, skipped, labels = [], [], []
     writer, shard_path, shard_start = None, None, 0
+    max_side = 0  # the logit store sizes its exact box encoding by it
     try:
         for item, encoded in _encode_all(items, params, desc=f"encode {split}"):
             if isinstance(encoded, str):
@@ -84,13 +85,14 @@ def _write_split(split: str, items: list[Item], out_dir: Path, params: DataParam
                                        encoder=False)
             writer.write(_sample(item, encoded, row))
             labels.append(item.label)
+            max_side = max(max_side, encoded.stored_side)
     except BaseException:  # close the open shard file before the error propagates
         if writer:
             writer.close()
         raise
     if labels:
         shards.append(_close_shard(writer, shard_path, shard_start, len(labels)))
-    info = {"rows": len(labels), "shards": shards}
+    info = {"rows": len(labels), "shards": shards, "max_image_side": max_side}
     return info, skipped, labels
 
 

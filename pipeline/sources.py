@@ -50,6 +50,7 @@ class Encoded:
     extension: str  # "png" or "jpg"
     width: int  # of the original image
     height: int
+    stored_side: int  # the longer side of the image as stored (after any re-encode)
 
 
 def long_tail_counts(max_count: int, num_classes: int, imbalance_ratio: float) -> list[int]:
@@ -269,7 +270,7 @@ def encode_item(item: Item, max_side: int, jpeg_quality: int) -> Encoded | str:
     """Read, check and encode one image; a string says why it could not be read."""
     if item.pixels is not None:  # in-memory sources are small: lossless PNG
         image = Image.fromarray(item.pixels)
-        return Encoded(_png(image), "png", image.width, image.height)
+        return Encoded(_png(image), "png", image.width, image.height, max(image.size))
     try:
         data = Path(item.file).read_bytes()
         image = Image.open(io.BytesIO(data))
@@ -287,12 +288,13 @@ def encode_item(item: Item, max_side: int, jpeg_quality: int) -> Encoded | str:
         image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=jpeg_quality)
-        return Encoded(buffer.getvalue(), "jpg", width, height)
+        return Encoded(buffer.getvalue(), "jpg", width, height, max(size))
+    side = max(width, height)
     if image.format == "JPEG":
-        return Encoded(data, "jpg", width, height)
+        return Encoded(data, "jpg", width, height, side)
     if image.format == "PNG":
-        return Encoded(data, "png", width, height)
-    return Encoded(_png(image.convert("RGB")), "png", width, height)
+        return Encoded(data, "png", width, height, side)
+    return Encoded(_png(image.convert("RGB")), "png", width, height, side)
 
 
 def _png(image: Image.Image) -> bytes:

@@ -25,39 +25,85 @@ reopens it, so a crashed dump resumes with the shards not in `completed_shards`;
 or an already complete store, raises StoreMismatchError rather than overwriting silently
 (pass overwrite=True to erase and start afresh). Readers use `open_store`.
 
-Compression (Blosc zstd level 5, chosen per array by `array_compressors`; readers decode whatever
-codecs a store's metadata names, so the encodings can be swapped without touching readers).
-Measured bytes per view (stored chunk bytes / (V * N), via `pipeline.inspect.store_summary`)
-on realistic synthetic dumps: N(0, 2) logits over C classes with the label boosted by 8 in 80%
-of views, top-k sorted descending, exact logsumexp, RandomResizedCrop-like boxes, random flips;
-N = 4000, V = 4, shard_rows = 1000:
+Encodings (all chosen in `array_codecs`; readers decode whatever codecs an array's metadata
+names, so stores written before still read, and readers never change with the encoding). The
+filters are numcodecs codecs (zarr.codecs.numcodecs): zarr-python reads them, other Zarr v3
+implementations may not. What readers get is unchanged: float16 logits descending, unsigned ids,
+float32 logsumexp and boxes, bool flips.
 
-    array          shuffle      k=5,C=10  k=10,C=10  k=5,C=1000  k=10,C=1000
-    topk_logits    byte         8.89      18.48      6.53        12.40
-    topk_classes   none / bit   2.36      4.64       6.31        12.61
-    logsumexp      bit          3.23      3.22       2.87        2.87
-    boxes          byte         13.05     13.05      13.07       13.06
-    flips          bit          0.19      0.19       0.19        0.19
-    total                       27.72     39.59      28.97       41.12
-    raw (ratio)                 36 (1.30x) 51 (1.29x) 41 (1.42x) 61 (1.48x)
+- topk_logits, lossless (bitwise; only -0.0 reads as +0.0). From GAP_CODING_MIN_CLASSES classes
+  on, the rows are gap-coded: float16 -> float32 -> int64 value * 2**24 (exact: 2**-24 is
+  float16's finest step) -> Delta along the flattened rows (each row's first value, then the gaps
+  down the row) -> Blosc bitshuffle with a whole row as one element (one bit plane per rank) +
+  zstd 5. The top-k of many classes is dense, so its gaps are small next to the values. With few
+  classes the top-k spans the whole logit range, gaps are as large as the values and fixed point
+  pays for the fine float16 steps near zero: the float16 values are bitshuffled as they are.
+- topk_classes, lossless, in descending-logit order as read. Sorting them by class and coding
+  the gaps saves log2(k!) bits of order, which the permutation back to logit order costs again
+  (benchmarks/store_size.py measures both). uint16/uint32: Blosc bitshuffle (the high bits are
+  zero); uint8: zstd alone (nothing to shuffle, and no Blosc header).
+- logsumexp: BitRound to LOGSUMEXP_KEEPBITS = 16 mantissa bits, relative error <= 2**-17.
+  It only enters the residual mass 1 - sum(top-k probs) (unused at k = C), where a confident
+  teacher (tiny residual) magnifies it: on the embedded teacher at k = 5 of 10 the IKL-KD loss
+  from the read-back store differs by 0.21 % from the uncompressed top-k's (KL-KD 0.0007 %);
+  12 bits gave 1.7 %, beyond the 0.5 % allowed, hence 16.
+- boxes: fixed point q / Q in uint16, Q = `box_scale(max_image_side)`, the smallest power of
+  two that replays exactly. Why exact: a box value is v = float32(t / H) for integers
+  0 <= t <= H, so |v - t/H| <= 2**-25; the filter stores q = round(v * Q) and reads back q / Q
+  exactly, so |(q / Q) * H - t| <= H / (2Q) + H * 2**-25, and `pixel_box` rounds (q / Q) * H
+  (exact in float64) back to t while that is below 1/2: for H = Q always (v = t / Q, q = t); for
+  H < Q when Q (Q - 1) < 2**24, i.e. every side up to Q = 4096; beyond, for
+  H < Q / (1 + Q * 2**-24) (`exact_box_side`). tests/test_store.py checks every (t, H) up to
+  4096 and the largest sides of larger scales exhaustively. The `max_image_side` attribute
+  states the bound (default DEFAULT_MAX_IMAGE_SIDE = 16,000 px, Q = 2**14); a dump on smaller
+  images states theirs (ImageNet-LT re-encoded to 512 px: Q = 512) and refuses larger images
+  with `check_image_sides`, since the store cannot see image sizes.
+- flips: PackBits (8 per byte) and no compressor: random bits do not compress.
+- labels, prior partial sums: zstd (uint8) or Blosc bitshuffle + zstd, lossless.
 
-Byte shuffle groups the float16/float32 exponent bytes, which repeat; bitshuffle wins for
-logsumexp, uint16 class ids (high bits mostly zero) and bools (packs 8 flips per byte);
-uint8 ids gain nothing from shuffling. float32 boxes are nearly incompressible: reaching ~20
-bytes per view at k = 5 needs quantised boxes/logits (a later encoding), not a better compressor.
+Measured bytes per view (benchmarks/store_size.py: stored shard bytes / (V * N), shard indexes
+included), C = 1000 synthetic dump (N(0, 2) logits, label boosted by 8 in 80 % of views; boxes
+drawn on 200..500 px images; V = 4, N = 4000, shards of 1000 rows), and the embedded teacher's
+store (C = 10, V = 8, N = 421, shards of 64 rows, whose ~1 B per view of shard indexes and
+per-chunk headers weigh more):
+
+    array          before   k=5,C=1000   k=10   k=100   | before   digits k=5   k=10
+    topk_logits    6.54     6.16         10.60  86.56   | 10.62    10.39        19.40
+    topk_classes   6.31     6.31         12.61  125.41  | 3.24     2.84         5.17
+    logsumexp      2.87     2.00         2.00   2.00    | 4.47     3.59         3.59
+    boxes          13.37    7.02 (4.52)  7.02   7.02    | 4.89     3.70         3.70
+    flips          0.19     0.14         0.14   0.14    | 0        0            0
+    total          29.27    21.64 (19.14)               | 23.22    20.52        31.86
+
+(in brackets: max_image_side 512). "before": Blosc zstd only, float32 boxes.
+
+PADDING_CASTS: zarr pads the inner chunks of a short last shard with the fill value, NaN; the
+fixed-point filters cast that padding to integers and back (numpy warns "invalid value" and
+"overflow encountered in cast"). Only the padding is affected: real rows are never NaN (write_shard
+refuses non-finite values) and readers slice the padding away. The store's own reads and writes
+silence those warnings; a direct zarr reader of a short last shard sees them.
 """
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 import zarr
 import zarr.errors
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.codecs import numcodecs as zarr_numcodecs
+from zarr.errors import ZarrUserWarning
 
 from pipeline.errors import UserError
+
+# The filters below are numcodecs codecs, which zarr-python reads and writes (numcodecs is a
+# dependency) but, each time it parses one, warns that it is outside the Zarr v3 spec; the
+# module docstring says so once instead.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3",
+                        category=ZarrUserWarning)
 
 FORMAT_VERSION = 1
 
@@ -82,6 +128,13 @@ VIEW_ARRAYS = ("topk_logits", "topk_classes", "logsumexp", "boxes", "flips")
 PRIOR_GROUP = "class_prior"
 MARKERS = "shard_complete"
 
+# Boxes are stored in fixed point (see `box_scale`); a store is exact in pixels on images whose
+# sides are at most its `max_image_side` attribute, or this default when the dump states none.
+DEFAULT_MAX_IMAGE_SIDE = 16_000
+MAX_SUPPORTED_IMAGE_SIDE = 32_704  # exact_box_side(2**15): q = 2**15 (a box value of 1) in uint16
+LOGSUMEXP_KEEPBITS = 16  # float32 mantissa bits kept for logsumexp
+GAP_CODING_MIN_CLASSES = 100  # top-k logits are gap-coded from this many classes on
+
 
 class StoreMismatchError(UserError):
     """A store exists but is not the one asked for (wrong attribute, incomplete, complete)."""
@@ -102,13 +155,78 @@ def class_id_dtype(num_classes: int) -> np.dtype:
     raise ValueError(f"num_classes={num_classes} does not fit in uint32")
 
 
-def array_compressors(name: str, dtype: np.dtype) -> list:
-    """Compressor chain for one array; change here to swap encodings (see module docstring)."""
-    if name in ("topk_logits", "boxes") or (name == "topk_classes" and dtype.itemsize == 1):
-        shuffle = BloscShuffle.shuffle  # a no-op for 1-byte ids
-    else:
-        shuffle = BloscShuffle.bitshuffle
-    return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=dtype.itemsize)]
+def box_scale(max_image_side: int) -> int:
+    """Fixed-point scale Q (a power of two) of the stored boxes: box values are kept as q / Q,
+    q = round(value * Q) in uint16, and `pipeline.augment.pixel_box` recovers the exact integer
+    box from them on every image whose sides are at most `max_image_side` (module docstring)."""
+    if not isinstance(max_image_side, (int, np.integer)) or not (
+            1 <= max_image_side <= MAX_SUPPORTED_IMAGE_SIDE):
+        raise ValueError(f"max_image_side must be an integer in [1, {MAX_SUPPORTED_IMAGE_SIDE}], "
+                         f"got {max_image_side!r}")
+    scale = 1
+    while exact_box_side(scale) < max_image_side:
+        scale *= 2
+    return scale
+
+
+def exact_box_side(scale: int) -> int:
+    """Largest image side on which every box stored at fixed-point `scale` (a power of two)
+    replays to the exact pixel box (proof in the module docstring)."""
+    if scale * (scale - 1) < 2**24:
+        return scale
+    return math.ceil(scale / (1 + scale * 2.0**-24)) - 1
+
+
+def check_image_sides(attributes: dict, rows: Any, heights: Any, widths: Any) -> None:
+    """Refuse images on which a store's boxes would not replay exactly: a side above its
+    `max_image_side` attribute. rows, heights, widths: (n,) per image, rows for the message."""
+    limit = attributes.get("max_image_side", DEFAULT_MAX_IMAGE_SIDE)
+    heights, widths = np.asarray(heights), np.asarray(widths)
+    bad = np.flatnonzero(np.maximum(heights, widths) > limit)
+    if bad.size:
+        first = bad[0]
+        raise UserError(
+            f"the image of row {np.asarray(rows)[first]} is {heights[first]}x{widths[first]} px, "
+            f"above the logit store's max_image_side of {limit} px, so its crop boxes would not "
+            f"replay exactly; set data.max_side to at most {limit} (prepare re-encodes larger "
+            f"images) or dump with a larger max_image_side (at most {MAX_SUPPORTED_IMAGE_SIDE})")
+
+
+def array_codecs(name: str, dtype: np.dtype, *, topk: int = 1, num_classes: int = 1,
+                 max_image_side: int = DEFAULT_MAX_IMAGE_SIDE) -> dict[str, list | None]:
+    """`filters` and `compressors` of one array: every encoding choice of the store is made here
+    (what and why: module docstring, "Encodings"). Readers need none of this: zarr decodes
+    whatever codecs an array's metadata names."""
+    dtype = np.dtype(dtype)
+
+    def blosc(shuffle: BloscShuffle, typesize: int) -> list:
+        return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=typesize)]
+
+    if name == "topk_logits" and num_classes >= GAP_CODING_MIN_CLASSES:
+        # lossless: float16 -> exact int64 fixed point (2**24 is float16's finest step), then
+        # the gaps down each row; bitshuffle a whole row as one element (a bit plane per rank)
+        filters = [zarr_numcodecs.AsType(encode_dtype="<f4", decode_dtype="<f2"),
+                   zarr_numcodecs.FixedScaleOffset(offset=0, scale=2**24, dtype="<f4",
+                                                   astype="<i8"),
+                   zarr_numcodecs.Delta(dtype="<i8")]
+        return {"filters": filters,
+                "compressors": blosc(BloscShuffle.bitshuffle, 8 * topk if 8 * topk <= 255 else 8)}
+    if name == "topk_logits":  # few classes: the float16 values as they are, a row per element
+        return {"filters": None,
+                "compressors": blosc(BloscShuffle.bitshuffle, 2 * topk if 2 * topk <= 255 else 2)}
+    if name == "logsumexp":  # LOGSUMEXP_KEEPBITS mantissa bits: relative error <= 2**-17
+        return {"filters": [zarr_numcodecs.BitRound(keepbits=LOGSUMEXP_KEEPBITS)],
+                "compressors": blosc(BloscShuffle.bitshuffle, 4)}
+    if name == "boxes":  # fixed point q / Q in uint16, exact in pixels up to max_image_side
+        fixed = zarr_numcodecs.FixedScaleOffset(offset=0, scale=box_scale(max_image_side),
+                                                dtype="<f4", astype="<u2")
+        return {"filters": [fixed], "compressors": blosc(BloscShuffle.bitshuffle, 8)}  # a box
+    if name == "flips":  # 8 flips per byte; random bits do not compress further
+        return {"filters": [zarr_numcodecs.PackBits()], "compressors": None}
+    if dtype.itemsize == 1:  # uint8 class ids and labels: nothing to shuffle; no Blosc header
+        return {"filters": None, "compressors": [ZstdCodec(level=5)]}
+    # wider class ids and labels (high bits zero), prior partial sums
+    return {"filters": None, "compressors": blosc(BloscShuffle.bitshuffle, dtype.itemsize)}
 
 
 def num_shards_for(rows: int, shard_rows: int) -> int:
@@ -150,6 +268,7 @@ def _create_arrays(group: zarr.Group, attrs: dict) -> None:
     views, rows, shard_rows = attrs["views"], attrs["rows"], attrs["shard_rows"]
     existing = set(group.array_keys())
     specs = _row_array_specs(views, rows, attrs["topk"], attrs["num_classes"])
+    max_image_side = attrs.get("max_image_side", DEFAULT_MAX_IMAGE_SIDE)
     for name, (shape, dtype) in specs.items():
         if name in existing:
             continue
@@ -157,14 +276,15 @@ def _create_arrays(group: zarr.Group, attrs: dict) -> None:
             name, shape=shape, dtype=dtype,
             shards=(views, shard_rows) + shape[2:],  # one object per WebDataset shard, all views
             chunks=(1, shard_rows) + shape[2:],  # one inner chunk per view
-            compressors=array_compressors(name, dtype),
+            **array_codecs(name, dtype, topk=attrs["topk"], num_classes=attrs["num_classes"],
+                           max_image_side=max_image_side),
             fill_value=np.nan if dtype.kind == "f" else 0,
             dimension_names=("view", "row", "topk" if "topk" in name else "box")[:len(shape)],
         )
     if "labels" not in existing:
         ids = class_id_dtype(attrs["num_classes"])
         group.create_array("labels", shape=(rows,), dtype=ids, chunks=(shard_rows,),
-                           compressors=array_compressors("labels", ids), fill_value=0,
+                           **array_codecs("labels", ids), fill_value=0,
                            dimension_names=("row",))
     if MARKERS not in existing:
         group.create_array(MARKERS, shape=(attrs["num_shards"],), dtype=bool, chunks=(1,),
@@ -191,6 +311,11 @@ def create_store(path: str, *, rows: int, views: int, topk: int, num_classes: in
     never silently replaced: StoreMismatchError names the attribute; delete the path or pass
     overwrite=True (which erases it and starts afresh).
 
+    The optional attribute `max_image_side` (default DEFAULT_MAX_IMAGE_SIDE, always recorded)
+    promises that no source image has a side above it: boxes are stored in fixed point just fine
+    enough to replay exactly in pixels on such images (`box_scale`); the dump must refuse larger
+    images, since the store cannot see image sizes.
+
     Returns the writable zarr group to pass to `write_shard` and `finalize_store`.
     """
     for name, value in dict(rows=rows, views=views, topk=topk, num_classes=num_classes,
@@ -210,9 +335,15 @@ def create_store(path: str, *, rows: int, views: int, topk: int, num_classes: in
                          f"but num_classes={num_classes}")
     if not isinstance(attributes["augmentation"], dict):
         raise ValueError("attribute 'augmentation' must be a dict (the augmentation spec)")
+    max_image_side = attributes.get("max_image_side", DEFAULT_MAX_IMAGE_SIDE)
+    try:
+        box_scale(max_image_side)
+    except ValueError as error:
+        raise ValueError(f"attribute 'max_image_side': {error}") from None
     identity = _json_normalise({
-        **attributes, "format_version": FORMAT_VERSION, "rows": int(rows), "views": int(views),
-        "topk": int(topk), "num_classes": int(num_classes), "shard_rows": int(shard_rows),
+        **attributes, "max_image_side": max_image_side, "format_version": FORMAT_VERSION,
+        "rows": int(rows), "views": int(views), "topk": int(topk),
+        "num_classes": int(num_classes), "shard_rows": int(shard_rows),
         "num_shards": num_shards_for(rows, shard_rows)})
 
     group = None if overwrite else _open_existing(path)
@@ -297,8 +428,9 @@ def write_shard(group: zarr.Group, shard_index: int, *, topk_logits: np.ndarray,
     markers = group[MARKERS]
     markers[shard_index] = False
     region = slice(start, stop)
-    for name, array in data.items():
-        group[name][:, region] = array  # one whole shard object per array
+    with np.errstate(invalid="ignore", over="ignore"):  # see PADDING_CASTS (module docstring)
+        for name, array in data.items():
+            group[name][:, region] = array  # one whole shard object per array
     group["labels"][region] = labels.astype(class_id_dtype(num_classes))
     markers[shard_index] = True
 
@@ -458,7 +590,8 @@ class LogitStore:
             raise IndexError(f"view {view} out of range: the store has {self.views} views")
         if not 0 <= start < stop <= self.rows:
             raise IndexError(f"rows [{start}, {stop}) out of range: the store has {self.rows} rows")
-        return {name: array[view, start:stop] for name, array in self._arrays.items()}
+        with np.errstate(invalid="ignore", over="ignore"):  # see PADDING_CASTS (module docstring)
+            return {name: array[view, start:stop] for name, array in self._arrays.items()}
 
     def class_prior(self, temperature: float) -> np.ndarray:
         """(C, C) float32 class prior at `temperature` (row c: mean prediction for label c)."""
@@ -490,7 +623,7 @@ def write_prior_partials(group: zarr.Group, shard_index: int, sums: dict[float, 
             shape = (group.attrs["num_shards"],) + values.shape
             partials.create_array(name, shape=shape, chunks=(1,) + values.shape,
                                   dtype=values.dtype, fill_value=0,
-                                  compressors=array_compressors(name, values.dtype))
+                                  **array_codecs(name, values.dtype))
         partials[name][shard_index] = values
 
 

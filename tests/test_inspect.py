@@ -1,6 +1,7 @@
 """Tests for the `inspect` command and its plain functions, on a tiny generated store."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -65,7 +66,8 @@ def expected_mass(dump):
 
 def test_coverage_stats_match_numpy(store_path):
     mass = topk_mass(open_store(store_path))
-    np.testing.assert_allclose(mass, expected_mass(make_dump()), rtol=1e-6)
+    # logsumexp is stored to 16 mantissa bits (pipeline/store.py): 1e-4 relative, not 1e-6.
+    np.testing.assert_allclose(mass, expected_mass(make_dump()), rtol=1e-4)
     stats = coverage_stats(mass)
     assert stats["count"] == VIEWS * ROWS
     assert stats["min"] == pytest.approx(mass.min())
@@ -98,13 +100,16 @@ def test_row_view_shows_classes_names_probabilities_box_and_flip(store_path):
     expected = zip(KNOWN_CLASSES, ["fox", "cat", "eel"], probabilities)
     for rank, (cls, name, prob) in enumerate(expected):
         line = lines[1 + rank]
-        assert f"class {cls:5d} {name}" in line and f"p={prob:.6f}" in line, line
-    assert f"residual mass {math.exp(OTHER_LOGIT) / total:.6f}" in result.output
+        assert f"class {cls:5d} {name}" in line, line
+        printed = float(re.search(r"p=([0-9.]+)", line).group(1))
+        assert printed == pytest.approx(prob, rel=1e-4), line  # lse kept to 16 bits
+    residual = float(re.search(r"residual mass ([0-9.]+)", result.output).group(1))
+    assert residual == pytest.approx(math.exp(OTHER_LOGIT) / total, abs=1e-4)
     assert "box top=0.1000 left=0.2000 height=0.5000 width=0.2500" in result.output
     assert "flip False" in result.output  # flat index 1 * 25 + 12 = 37 is odd
     details = view_details(open_store(store_path), KNOWN_ROW, KNOWN_VIEW)
     assert details["class_names"] == ["fox", "cat", "eel"]
-    np.testing.assert_allclose(details["probabilities"], probabilities, rtol=1e-6)
+    np.testing.assert_allclose(details["probabilities"], probabilities, rtol=1e-4)
 
 
 def test_verify_ok_on_good_store_with_matching_manifest(store_path, tmp_path):
