@@ -3,7 +3,8 @@
     python benchmarks/topk_fidelity.py         # about 20 s on 2 CPU cores
 
 For each k, the teacher's full logits (B, C) are cut to what a store of width k holds (top-k
-logits as float16, their class ids, the float32 logsumexp over all C) and expanded back with
+log-probabilities, logit - lse, as float16, read back as raw logits by adding lse; their class
+ids; the float32 logsumexp over all C) and expanded back with
 `pipeline.losses.expand_topk` (the tail gets the logit that spreads the residual mass evenly).
 Printed: the relative error of the loss, |L(top-k) - L(full)| / |L(full)|, and of its gradient
 wrt the student logits, ||g(top-k) - g(full)|| / ||g(full)|| (Frobenius, over the batch), for
@@ -59,10 +60,12 @@ KL_OPTIONS = {"temperature": 1.0}
 
 def store_topk(full: torch.Tensor, topk: int, dtype: torch.dtype = torch.float16
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What a store of width k keeps of full logits (B, C): top-k as `dtype` (the store's
-    float16), their ids, the float32 lse."""
+    """What a store of width k gives back of full logits (B, C): the top-k, kept as `dtype`
+    log-probabilities (the store's float16) and read as raw logits, their ids, the lse."""
     top = full.topk(topk, dim=1)  # sorted, descending, as the dump
-    return top.values.to(dtype), top.indices, torch.logsumexp(full, dim=1)
+    logsumexp = torch.logsumexp(full, dim=1)
+    log_probs = (top.values - logsumexp[:, None]).to(dtype)
+    return log_probs.float() + logsumexp[:, None], top.indices, logsumexp
 
 
 def clamped_share(full: torch.Tensor, topk: int) -> float:

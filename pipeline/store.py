@@ -2,7 +2,8 @@
 
 Layout, with V views, N train rows, top-k, C classes and WebDataset shards of S = shard_rows rows:
 
-    topk_logits   (V, N, k) float16   raw teacher logits, descending along k
+    topk_logits   (V, N, k) float16   top-k teacher log-probabilities (logit - logsumexp),
+                                      descending along k; read back as raw logits (see below)
     topk_classes  (V, N, k) uint8/16/32  their class ids (smallest unsigned type holding C - 1)
     logsumexp     (V, N)    float32   log-sum-exp over all C logits (temperature-free store)
     boxes         (V, N, 4) float32   crop box (top, left, height, width), normalised to the source
@@ -24,6 +25,14 @@ after all ranks finish). `create_store` on an existing incomplete store with ide
 reopens it, so a crashed dump resumes with the shards not in `completed_shards`; any difference,
 or an already complete store, raises StoreMismatchError rather than overwriting silently
 (pass overwrite=True to erase and start afresh). Readers use `open_store`.
+
+Top-k logits are stored relative to their row's logsumexp, i.e. as log-probabilities, and
+`read_rows` returns raw logits again (float32: stored + logsumexp). Same information (raw =
+log-probability + lse, and every loss is invariant to a per-row shift), but float16 is precise
+where it matters: a confident teacher's top log-probability is near 0, where float16 resolves
+1e-7, so the residual mass 1 - sum(top-k probs) that fills the tail classes survives storage.
+Stored raw (magnitude ~10, float16 step ~0.008), that residual was noise: on the embedded
+teacher at k = 5, 35 % of views read back a residual <= 0 (benchmarks/topk_fidelity.py).
 
 Encodings (all chosen in `array_codecs`; readers decode whatever codecs an array's metadata
 names, so stores written before still read, and readers never change with the encoding). The
@@ -105,7 +114,7 @@ from pipeline.errors import UserError
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3",
                         category=ZarrUserWarning)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: top-k stored as log-probabilities (1: raw logits)
 
 # Attributes the caller of `create_store` must supply (the store adds the shape attributes).
 REQUIRED_ATTRIBUTES = (
@@ -390,7 +399,8 @@ def write_shard(group: zarr.Group, shard_index: int, *, topk_logits: np.ndarray,
                 flips: np.ndarray, labels: np.ndarray) -> None:
     """Write all V views of one WebDataset shard's n rows, then mark the shard complete.
 
-    Inputs: topk_logits (V, n, k) float (stored as float16, descending along k),
+    Inputs: topk_logits (V, n, k) float raw logits, descending along k (pass float32: they are
+    stored as float16 log-probabilities, topk_logits - logsumexp, see the module docstring),
     topk_classes (V, n, k) integer in [0, C), logsumexp (V, n) float, boxes (V, n, 4) float in
     [0, 1], flips (V, n) bool, labels (n,) integer in [0, C). n is `shard_rows` except for a
     short last shard. Non-finite logits or logsumexp (after the cast to the stored dtype) are
@@ -407,6 +417,12 @@ def write_shard(group: zarr.Group, shard_index: int, *, topk_logits: np.ndarray,
     given = {name: np.asarray(array) for name, array in dict(
         topk_logits=topk_logits, topk_classes=topk_classes, logsumexp=logsumexp, boxes=boxes,
         flips=flips).items()}
+    if given["topk_logits"].shape[:2] == given["logsumexp"].shape:
+        # Store log-probabilities (module docstring), floored at float16's most negative
+        # finite value: a top-k class that far below the top has probability 0 either way.
+        given["topk_logits"] = np.maximum(
+            given["topk_logits"].astype(np.float64) - given["logsumexp"][..., None],
+            float(np.finfo(np.float16).min))
     data = {}
     for name, (shape, dtype) in specs.items():
         array = given[name]
@@ -583,15 +599,18 @@ class LogitStore:
         """Rows [start, stop) of one view: one read per array (one inner chunk per array when
         the range is a WebDataset shard).
 
-        Returns topk_logits (n, k) float16, topk_classes (n, k) uint, logsumexp (n,) float32,
-        boxes (n, 4) float32, flips (n,) bool.
+        Returns topk_logits (n, k) float32 raw logits (float16 log-probabilities + logsumexp),
+        topk_classes (n, k) uint, logsumexp (n,) float32, boxes (n, 4) float32, flips (n,) bool.
         """
         if not 0 <= view < self.views:
             raise IndexError(f"view {view} out of range: the store has {self.views} views")
         if not 0 <= start < stop <= self.rows:
             raise IndexError(f"rows [{start}, {stop}) out of range: the store has {self.rows} rows")
         with np.errstate(invalid="ignore", over="ignore"):  # see PADDING_CASTS (module docstring)
-            return {name: array[view, start:stop] for name, array in self._arrays.items()}
+            rows = {name: array[view, start:stop] for name, array in self._arrays.items()}
+        # Stored as log-probabilities (module docstring): raw logits = stored + logsumexp.
+        rows["topk_logits"] = rows["topk_logits"].astype(np.float32) + rows["logsumexp"][:, None]
+        return rows
 
     def class_prior(self, temperature: float) -> np.ndarray:
         """(C, C) float32 class prior at `temperature` (row c: mean prediction for label c)."""

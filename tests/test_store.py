@@ -13,8 +13,8 @@ from pipeline.errors import UserError
 from pipeline.inspect import store_summary
 from pipeline.losses import expand_topk, ikl_kd_loss, kl_kd_loss
 from pipeline.store import (
-    DEFAULT_MAX_IMAGE_SIDE, LOGSUMEXP_KEEPBITS, MAX_SUPPORTED_IMAGE_SIDE, ClassPriorNotFoundError,
-    StoreMismatchError, array_codecs, box_scale, check_image_sides, class_id_dtype,
+    DEFAULT_MAX_IMAGE_SIDE, FORMAT_VERSION, LOGSUMEXP_KEEPBITS, MAX_SUPPORTED_IMAGE_SIDE,
+    ClassPriorNotFoundError, StoreMismatchError, array_codecs, box_scale, check_image_sides, class_id_dtype,
     completed_shards, create_store, exact_box_side, finalize_store, open_store, shard_bounds,
     write_shard,
 )
@@ -54,15 +54,26 @@ def make_dump(rows=ROWS, views=VIEWS, topk=TOPK, num_classes=CLASSES, seed=0):
     order = np.argsort(-full, axis=-1, kind="stable")[..., :topk]  # (V, N, k)
     boxes, flips = draw_views(seed, views, np.arange(rows), *image_sizes(rows, seed))
     return dict(
-        topk_logits=np.take_along_axis(full, order, -1).astype(np.float16),
+        topk_logits=np.take_along_axis(full, order, -1).astype(np.float32),
         topk_classes=order.astype(class_id_dtype(num_classes)),
         logsumexp=np.log(np.exp(full.astype(np.float64)).sum(-1)).astype(np.float32),
         boxes=boxes, flips=flips, labels=labels.astype(np.int64))
 
 
+def assert_logits_read_back(read, raw, logsumexp):
+    """Raw logits come back as float16 log-probabilities + the stored logsumexp: within half a
+    float16 step of (raw - lse) plus the logsumexp's own rounding."""
+    assert read.dtype == np.float32
+    log_probs = raw.astype(np.float64) - logsumexp[..., None]
+    bound = np.abs(log_probs) * 2.0**-11 + np.abs(logsumexp[..., None]) * LOGSUMEXP_TOLERANCE
+    assert (np.abs(read - raw) <= bound + 1e-6).all()
+
+
 def assert_read_back(rows, expected, row_range, seed=0):
-    """Logits, ids and flips bitwise; logsumexp within its rounding; boxes to the same pixels."""
-    for name in ("topk_logits", "topk_classes", "flips"):
+    """Ids and flips bitwise; logits and logsumexp within their rounding; boxes to the same
+    pixels."""
+    assert_logits_read_back(rows["topk_logits"], expected["topk_logits"], expected["logsumexp"])
+    for name in ("topk_classes", "flips"):
         assert rows[name].dtype == expected[name].dtype, name
         assert rows[name].tobytes() == expected[name].tobytes(), name
     assert rows["logsumexp"].dtype == np.float32 and rows["boxes"].dtype == np.float32
@@ -109,7 +120,7 @@ def test_round_trip_exact_where_lossless_and_within_tolerance_elsewhere(tmp_path
     assert shape == (3, 25, 5, 10, 10)
     assert store.class_names == [f"class_{c}" for c in range(10)]
     assert store.attributes["augmentation"] == {"scale": [0.08, 1.0], "flip": 0.5}
-    assert store.attributes["complete"] is True and store.attributes["format_version"] == 1
+    assert store.attributes["complete"] is True and store.attributes["format_version"] == FORMAT_VERSION == 2
     assert store.attributes["max_image_side"] == DEFAULT_MAX_IMAGE_SIDE
     np.testing.assert_array_equal(store.labels, dump["labels"])
     assert store.labels.dtype == np.uint8

@@ -131,8 +131,9 @@ def test_pairing_survives_shuffling_across_shards_and_two_workers(shards, row_co
         orders.append(rows)
         assert epoch_data["labels"].tolist() == labels[rows].tolist()
         # The logits, classes and logsumexp are the stored ones of this row and view.
-        expected_first = torch.tensor([4 * row + view for row in rows], dtype=torch.float16)
-        assert epoch_data["topk_logits"].dtype == torch.float16
+        # Raw logits again (the store keeps float16 log-probabilities; these are integers).
+        expected_first = torch.tensor([4 * row + view for row in rows], dtype=torch.float32)
+        assert epoch_data["topk_logits"].dtype == torch.float32
         assert torch.equal(epoch_data["topk_logits"][:, 0], expected_first)
         assert torch.equal(epoch_data["topk_classes"][:, 0], epoch_data["labels"])
         assert torch.equal(epoch_data["logsumexp"],

@@ -81,8 +81,9 @@ def test_cached_and_online_teacher_give_the_same_loss(stage_one):
     online, weights = OnlineTeacher(teacher)(batch, images)
     assert weights is None and online.shape == cached.shape == (32, NUM_CLASSES)
     assert online.std() > 0.1  # a teacher that says something
-    # float16 storage rounds to within 2**-11 relative; the rest is float32 batch-size noise.
-    torch.testing.assert_close(cached, online, rtol=2**-10, atol=1e-5)
+    # float16 log-probabilities round to within 2**-11 of (logit - lse), logsumexp to 16 bits;
+    # the rest is float32 batch-size noise.
+    torch.testing.assert_close(cached, online, rtol=2**-10, atol=2e-3)
 
     student_logits = 3 * torch.randn(32, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
     labels = batch["labels"]
