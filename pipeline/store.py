@@ -70,21 +70,10 @@ float32 logsumexp and boxes, bool flips.
 - flips: PackBits (8 per byte) and no compressor: random bits do not compress.
 - labels, prior partial sums: zstd (uint8) or Blosc bitshuffle + zstd, lossless.
 
-Measured bytes per view (benchmarks/store_size.py: stored shard bytes / (V * N), shard indexes
-included), C = 1000 synthetic dump (N(0, 2) logits, label boosted by 8 in 80 % of views; boxes
-drawn on 200..500 px images; V = 4, N = 4000, shards of 1000 rows), and the embedded teacher's
-store (C = 10, V = 8, N = 421, shards of 64 rows, whose ~1 B per view of shard indexes and
-per-chunk headers weigh more):
-
-    array          before   k=5,C=1000   k=10   k=100   | before   digits k=5   k=10
-    topk_logits    6.54     6.16         10.60  86.56   | 10.62    10.39        19.40
-    topk_classes   6.31     6.31         12.61  125.41  | 3.24     2.84         5.17
-    logsumexp      2.87     2.00         2.00   2.00    | 4.47     3.59         3.59
-    boxes          13.37    7.02 (4.52)  7.02   7.02    | 4.89     3.70         3.70
-    flips          0.19     0.14         0.14   0.14    | 0        0            0
-    total          29.27    21.64 (19.14)               | 23.22    20.52        31.86
-
-(in brackets: max_image_side 512). "before": Blosc zstd only, float32 boxes.
+Measured bytes per view at k = 5, box and flip included (benchmarks/store_size.py, full
+tables in BENCHMARKS.md): 19.0 on the embedded teacher's store (C = 10), 20.4 on a synthetic
+C = 1000 dump with images up to 512 px (22.9 at the default max_image_side), against 2,000 for
+full float16 logits.
 
 PADDING_CASTS: zarr pads the inner chunks of a short last shard with the fill value, NaN; the
 fixed-point filters cast that padding to integers and back (numpy warns "invalid value" and
