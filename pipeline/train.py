@@ -30,6 +30,7 @@ from pipeline.losses import DistillationObjective
 from pipeline.params import TrainParams
 
 CHECKPOINT = "checkpoint.pt"
+PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one syncs the GPU)
 
 # (batch, images on the device, normalised) -> (teacher logits (B, C) or None,
 #                                              class weights (B, C) or None)
@@ -104,7 +105,7 @@ def _train_epoch(model: nn.Module, run: TrainRun, epoch: int, optimizer, schedul
     batches = tqdm(run.train_batches(epoch), total=run.steps_per_epoch,
                    disable=not ranks.is_main,
                    desc=f"{run.description} epoch {epoch + 1}/{run.settings.epochs}")
-    for batch in batches:
+    for step, batch in enumerate(batches):
         images = normalize(batch["images"].to(ranks.device, non_blocking=True))
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -118,11 +119,13 @@ def _train_epoch(model: nn.Module, run: TrainRun, epoch: int, optimizer, schedul
         losses["loss"].backward()
         optimizer.step()
         scheduler.step()
+        # Summed on the device: .item() every step would stall the GPU on each batch.
         for name, value in losses.items():
-            sums[name] += value.item() * len(labels)
+            sums[name] = sums[name] + value.detach() * len(labels)
         sums["samples"] += len(labels)
-        batches.set_postfix(loss=f"{sums['loss'] / sums['samples']:.3f}")
-    return dict(sums)
+        if step % PROGRESS_EVERY == 0:
+            batches.set_postfix(loss=f"{float(sums['loss']) / sums['samples']:.3f}")
+    return {name: float(total) for name, total in sums.items()}
 
 
 def validate(model: nn.Module, batches: Iterable[dict], ranks: Distributed) -> dict:

@@ -1,0 +1,262 @@
+"""Shared helpers of the timing benchmarks (epoch_cost, loader, dump_overhead, gpu_check).
+
+Data: the embedded digits-LT shards, or a generated ImageFolder of structured synthetic JPEGs
+(per class a colour layout and a shape, per image jitter, texture noise and a random size),
+prepared into shards through pipeline.shards like any user data. Teachers: a randomly
+initialised model whose BatchNorm statistics are calibrated on a few batches (so its eval-mode
+logits have a realistic scale), saved in the checkpoint format pipeline.distill.load_model reads.
+Timing: `TimedBatches` wraps one epoch of batches and records the wall time of the whole pass
+(from iter() to exhaustion: every step of the epoch, as the training loop runs it) and the part
+spent waiting inside the loader's next(); `run_child` runs one measurement in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from pipeline.augment import normalize  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+from pipeline.params import DataParams, Params, check_consistency, parse  # noqa: E402
+from pipeline.shards import prepare_shards  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def machine_line(threads: int | None = None) -> str:
+    """torch version, CPU model and count, torch threads, load average: the context of a run."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    threads = torch.get_num_threads() if threads is None else threads
+    return (f"torch {torch.__version__}, {cpu}, {os.cpu_count()} CPUs, {threads} torch "
+            f"thread(s) per process, {load_line()}")
+
+
+def load_line() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes: every timed measurement runs in a fresh interpreter (own allocator, own
+# oneDNN primitive cache, own page faults), so no configuration inherits another's state.
+
+
+def run_child(script: str, arguments: list[str], cwd: str | Path | None = None,
+              env: dict | None = None) -> dict:
+    """Run `python script ...arguments` (with `env` added to the environment) and return the
+    JSON its last line prints."""
+    command = [sys.executable, script, *arguments]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"child {' '.join(command)} failed ({result.returncode}):\n"
+                           f"{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing an epoch as the training loop consumes it
+
+
+class TimedBatches:
+    """An iterable over `batches` that appends one record per full pass to `log`:
+    wall (s, iter() to exhaustion), wait (s inside the loader: iter() and every next()),
+    steps, samples, cpu (s of this process's CPU time, all its threads, over the pass: less
+    sensitive than wall time to other processes on the machine; DataLoader worker processes
+    are not in it), and whatever `on_end()` returns. `sync` (e.g. torch.cuda.synchronize) runs
+    before the clock starts and before it stops, so queued GPU work is counted; `on_start()`
+    runs just before the clock starts (e.g. to reset peak-memory statistics)."""
+
+    def __init__(self, batches: Iterable[dict], log: list, sync: Callable[[], None] = None,
+                 on_start: Callable[[], None] = None, on_end: Callable[[], dict] = None):
+        self.batches, self.log = batches, log
+        self.sync = sync or (lambda: None)
+        self.on_start = on_start or (lambda: None)
+        self.on_end = on_end or dict
+
+    def __iter__(self):
+        self.sync()
+        self.on_start()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        iterator = iter(self.batches)
+        wait, steps, samples = time.perf_counter() - start, 0, 0
+        while True:
+            before = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                wait += time.perf_counter() - before
+                break
+            wait += time.perf_counter() - before
+            steps, samples = steps + 1, samples + len(batch["labels"])
+            yield batch
+        self.sync()
+        self.log.append({"wall": time.perf_counter() - start, "wait": wait, "steps": steps,
+                         "samples": samples, "cpu": time.process_time() - cpu_start,
+                         **self.on_end()})
+
+    def __len__(self) -> int:  # the wrapped loader's, when it knows it
+        return len(self.batches)
+
+
+def time_train_loaders(log: list, sync=None, on_start=None) -> None:
+    """Make every pipeline.distill training loader a TimedBatches logging to `log`.
+
+    The student's and teacher's loops get their batches from `train_loader` as imported into
+    pipeline.distill; wrapping it there times the real loop (pipeline.train.fit) unchanged.
+    """
+    import pipeline.distill as distill
+
+    original = distill.train_loader
+
+    def timed_train_loader(*args, **kwargs):
+        return TimedBatches(original(*args, **kwargs), log, sync, on_start)
+
+    distill.train_loader = timed_train_loader
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def write_synthetic_image_folder(root: Path, classes: int, per_class: int, *, min_side: int = 64,
+                                 max_side: int = 96, quality: int = 90, seed: int = 0) -> int:
+    """root/class_XXX/NNNN.jpg: `per_class` JPEGs per class, sides in [min_side, max_side].
+
+    Random but structured, so JPEG sizes and decode times are those of small photos rather than
+    of white noise or flat colour: a class-specific 4x4 colour layout (upsampled) and an ellipse
+    in the class colour, jittered per image, plus texture noise. Returns the bytes written.
+    """
+    rng = np.random.default_rng(seed)
+    written = 0
+    for label in range(classes):
+        layout = rng.integers(0, 256, (4, 4, 3))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        folder = root / f"class_{label:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            height, width = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
+            jittered = np.clip(layout + rng.integers(-40, 41, layout.shape), 0, 255)
+            image = Image.fromarray(jittered.astype(np.uint8)).resize(
+                (width, height), Image.Resampling.BICUBIC)
+            top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+            ImageDraw.Draw(image).ellipse(
+                (int(left), int(top), int(left + width // 2), int(top + height // 2)), fill=colour)
+            pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (height, width, 3))
+            path = folder / f"{index:04d}.jpg"
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                path, format="JPEG", quality=quality)
+            written += path.stat().st_size
+    return written
+
+
+def prepare_synthetic(work: Path, classes: int, train_per_class: int, *, shard_size: int = 256,
+                      seed: int = 0) -> tuple[dict, DataParams]:
+    """Generate the synthetic ImageFolder under work/images and prepare it into work/shards
+    (balanced: imbalance_ratio 1, 1 val and 1 test image held out per class)."""
+    images = work / "images"
+    if not images.is_dir():
+        write_synthetic_image_folder(images, classes, train_per_class + 2, seed=seed)
+    data = DataParams(source="image_folder", root=str(images), imbalance_ratio=1.0,
+                      val_per_class=1, test_per_class=1, shard_size=shard_size, workers=0)
+    return _prepared(data, seed, work / "shards"), data
+
+
+def prepare_digits(work: Path, seed: int = 0) -> tuple[dict, DataParams]:
+    """The embedded digits-LT data on DataParams defaults (in-process encoding: same bytes)."""
+    data = DataParams(workers=0)
+    return _prepared(data, seed, work / "shards"), data
+
+
+def _prepared(data: DataParams, seed: int, shards: Path) -> dict:
+    manifest_path = shards / "manifest.json"
+    if manifest_path.is_file():  # --work reuse: prepared already
+        return json.loads(manifest_path.read_text())
+    return prepare_shards(data, seed, shards)
+
+
+def dataset_line(manifest: dict) -> str:
+    counts = manifest["train_counts"]
+    shards = manifest["splits"]["train"]["shards"]
+    return (f"{manifest['splits']['train']['rows']} train rows in {len(shards)} shards, "
+            f"{manifest['num_classes']} classes ({max(counts)} .. {min(counts)} per class)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def write_teacher_checkpoint(path: Path, arch: str, num_classes: int, image_size: int,
+                             fingerprint: str, seed: int = 0) -> Path:
+    """An untrained `arch` with BatchNorm statistics calibrated on random images, saved with the
+    keys pipeline.distill.load_model reads. Timing does not depend on what a teacher knows."""
+    if path.is_file():
+        return path
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            images = torch.randint(0, 256, (32, 3, image_size, image_size), dtype=torch.uint8)
+            model(normalize(images))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "arch": arch, "num_classes": num_classes,
+                "small_input": False, "fingerprint": fingerprint, "epoch": 0}, path)
+    return path
+
+
+def forward_macs(arch: str, num_classes: int, image_size: int) -> int:
+    """Multiply-accumulates of one image's forward pass (convolutions and linear layers)."""
+    model = build_model(arch, num_classes).eval()
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        if isinstance(module, torch.nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            total += output.numel() * kernel * module.in_channels // module.groups
+        elif isinstance(module, torch.nn.Linear):
+            total += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def make_params(raw: dict) -> Params:
+    return check_consistency(parse(Params, raw, ""))
