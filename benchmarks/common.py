@@ -45,17 +45,20 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
 
-def machine_line(threads: int | None = None) -> str:
-    """torch version, CPU model and count, torch threads, load average: the context of a run."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else the machine type."""
     try:
         with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info
-                       if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in info
+                        if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def machine_line(threads: int | None = None) -> str:
+    """torch version, CPU model and count, torch threads, load average: the context of a run."""
     threads = torch.get_num_threads() if threads is None else threads
-    return (f"torch {torch.__version__}, {cpu}, {os.cpu_count()} CPUs, {threads} torch "
+    return (f"torch {torch.__version__}, {cpu_name()}, {os.cpu_count()} CPUs, {threads} torch "
             f"thread(s) per process, {load_line()}")
 
 

@@ -49,7 +49,9 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import cpu_name  # noqa: E402  (it also puts the checkout on the path)
 
 import pipeline.store as store_module  # noqa: E402
 from pipeline.augment import draw_views, pixel_box  # noqa: E402
@@ -257,14 +259,7 @@ def print_table(title: str, rows_by_k: dict[int, list[dict]], notes: dict[int, s
 
 
 def machine_line() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
+    return (f"{cpu_name()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
             f"zarr {zarr.__version__}, numpy {np.__version__}")
 
 
