@@ -14,17 +14,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.augment import apply_view, draw_views, normalize
-from pipeline.distill import crop_spec, file_sha256, load_model
+from pipeline.augment import CropSpec, apply_view, draw_views, normalize
+from pipeline.distill import crop_spec, load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
 from pipeline.losses import ClassPriorAccumulator
 from pipeline.params import Params
-from pipeline.shards import load_manifest
+from pipeline.shards import file_sha256, load_manifest
 from pipeline.store import (StoreMismatchError, check_image_sides, class_id_dtype,
-                            completed_shards, create_store, drop_prior_partials,
-                            finalize_store, reduce_prior_partials, write_prior_partials,
-                            write_shard)
+                            completed_shards, create_prior_partials, create_store,
+                            drop_prior_partials, finalize_store, reduce_prior_partials,
+                            write_prior_partials, write_shard)
 from pipeline.stream import Shard, decode, read_shard, split_shards
 
 
@@ -63,13 +63,14 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
                  shard_rows=shards[0].stop - shards[0].start)
     if ranks.is_main:
         group = _open_for_writing(store_path, shape, attributes)
+        create_prior_partials(group, settings.prior_temperatures)
     ranks.barrier()  # the other ranks open the store rank 0 has created or kept
     if not ranks.is_main:
         group = create_store(store_path, **shape, attributes=attributes)
     done = completed_shards(group)
     todo = [i for i in range(len(shards)) if i % ranks.world_size == ranks.rank and i not in done]
     for index in tqdm(todo, desc=f"dump {teacher_name}", unit="shard", disable=not ranks.is_main):
-        _dump_shard(group, index, shards[index], teacher, params, ranks.device)
+        _dump_shard(group, index, shards[index], teacher, params, spec, ranks.device)
     ranks.barrier()  # every shard is written before the priors are reduced
     if ranks.is_main:
         finish_store(group)
@@ -90,7 +91,8 @@ def finish_store(group) -> None:
     drop_prior_partials(group)
 
 
-def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, device) -> None:
+def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, spec: CropSpec,
+                device) -> None:
     settings = params.logits
     samples = list(read_shard(shard))
     metas = [sample["meta"] for sample in samples]
@@ -104,7 +106,7 @@ def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, device
     widths = [image.shape[2] for image in images]
     check_image_sides(group.attrs, rows, heights, widths)
     boxes, flips = draw_views(params.seed, settings.views, rows, heights, widths,
-                              spec=crop_spec(params.augment))  # (V, n, 4), (V, n)
+                              spec=spec)  # (V, n, 4), (V, n)
     num_classes = group.attrs["num_classes"]
     priors = {t: ClassPriorAccumulator(num_classes, weight_temperature=t)
               for t in settings.prior_temperatures}

@@ -619,20 +619,30 @@ class LogitStore:
 PARTIALS_GROUP = "class_prior_partials"
 
 
+def create_prior_partials(group: zarr.Group, temperatures) -> None:
+    """Create (where missing) the per-shard partial-sum arrays of the class priors at
+    `temperatures`. One process, before any rank writes: parallel creation races on the
+    arrays' metadata."""
+    partials = group.require_group(PARTIALS_GROUP)
+    num_shards, num_classes = group.attrs["num_shards"], group.attrs["num_classes"]
+    specs = {"counts": ((num_classes,), np.dtype(np.int64))}
+    specs.update({prior_name(t): ((num_classes, num_classes), np.dtype(np.float64))
+                  for t in temperatures})
+    for name, (shape, dtype) in specs.items():
+        if name not in partials:
+            partials.create_array(name, shape=(num_shards,) + shape, chunks=(1,) + shape,
+                                  dtype=dtype, fill_value=0, **array_codecs(name, dtype))
+
+
 def write_prior_partials(group: zarr.Group, shard_index: int, sums: dict[float, np.ndarray],
                          counts: np.ndarray) -> None:
-    """Store one shard's float64 prior sums (C, C) per temperature and class counts (C,).
-    Call before `write_shard`, whose marker then also vouches for these."""
-    partials = group.require_group(PARTIALS_GROUP)
-    arrays = {"counts": np.asarray(counts, dtype=np.int64)}
-    arrays.update({prior_name(t): np.asarray(v, dtype=np.float64) for t, v in sums.items()})
-    for name, values in arrays.items():
-        if name not in partials:
-            shape = (group.attrs["num_shards"],) + values.shape
-            partials.create_array(name, shape=shape, chunks=(1,) + values.shape,
-                                  dtype=values.dtype, fill_value=0,
-                                  **array_codecs(name, values.dtype))
-        partials[name][shard_index] = values
+    """Store one shard's float64 prior sums (C, C) per temperature and class counts (C,), into
+    arrays made by `create_prior_partials`. Call before `write_shard`, whose marker then also
+    vouches for these."""
+    partials = group[PARTIALS_GROUP]
+    partials["counts"][shard_index] = np.asarray(counts, dtype=np.int64)
+    for temperature, values in sums.items():
+        partials[prior_name(temperature)][shard_index] = np.asarray(values, dtype=np.float64)
 
 
 def reduce_prior_partials(group: zarr.Group) -> dict[float, np.ndarray]:
