@@ -48,7 +48,8 @@ import webdataset as wds
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from pipeline.augment import apply_view, normalize  # noqa: E402
-from pipeline.distill import file_sha256, load_model  # noqa: E402
+from pipeline.distill import load_model  # noqa: E402
+from pipeline.shards import file_sha256  # noqa: E402
 from pipeline.losses import MIN_RESIDUAL_MASS, expand_topk, ikl_kd_loss, kl_kd_loss  # noqa: E402
 from pipeline.store import open_store  # noqa: E402
 from pipeline.stream import decode  # noqa: E402

@@ -3,7 +3,6 @@ against cached or online teacher logits)."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ from pipeline.augment import CropSpec
 from pipeline.losses import DistillationObjective, distillation_objective, expand_topk
 from pipeline.models import build_model
 from pipeline.params import AugmentParams, Params, StudentParams, TrainParams, to_dict
-from pipeline.shards import load_manifest
+from pipeline.shards import file_sha256, load_manifest
 from pipeline.store import LogitStore, open_store
 from pipeline.distributed import distributed
 from pipeline.stream import ViewSource, epoch_steps, eval_loader, split_shards, train_loader
@@ -28,14 +27,6 @@ STORE_IDENTITY = ("teacher_sha256", "fingerprint", "seed", "augmentation", "view
 def crop_spec(augment: AugmentParams) -> CropSpec:
     return CropSpec(scale=augment.crop_scale, ratio=augment.crop_ratio,
                     flip_probability=augment.flip_probability)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_identity(settings: TrainParams, params: Params, manifest: dict) -> dict:

@@ -116,12 +116,13 @@ def _sample(item: Item, encoded: Encoded, row: int) -> dict:
 
 def _close_shard(writer: wds.TarWriter, path: Path, start: int, stop: int) -> dict:
     writer.close()
-    return {"file": path.name, "rows": [start, stop], "sha256": _sha256(path)}
+    return {"file": path.name, "rows": [start, stop], "sha256": file_sha256(path)}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a local file (shards, checkpoints), read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with path.open("rb") as stream:
+    with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

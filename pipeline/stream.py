@@ -101,18 +101,19 @@ def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
     """One epoch of training batches for this rank (see the module docstring)."""
     order = np.random.default_rng([views.seed, views.epoch]).permutation(len(shards))
     segments = rank_segments([shards[i] for i in order], rank, world_size)
+    attach_views = _attach_drawn_views if views.store is None else _attach_cached_views
     pipeline = wds.DataPipeline(
         _segment_list(segments),
         wds.split_by_worker,
         _read_samples,
-        _attach_views(views),
+        attach_views(views),
         wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 4, seed=int(
             np.random.SeedSequence([views.seed, views.epoch, rank]).generate_state(1)[0])),
         _decode_and_crop(image_size),
         wds.batched(min(batch_size, WORKER_CHUNK), collation_fn=default_collate, partial=True),
     )
-    rows = sum(s.stop - s.start for s in segments)
-    steps = _ceil_div(rows * views.views_per_decode, batch_size)
+    steps = epoch_steps(sum(s.stop - s.start for s in shards), views.views_per_decode,
+                        batch_size, world_size)
     return EpochBatches(_loader(pipeline, workers, pin_memory), batch_size, steps)
 
 
@@ -228,12 +229,16 @@ def _read_samples(sources):
 def decode(sample: dict) -> torch.Tensor:
     """The sample's image as (3, H, W) uint8 RGB (PIL: torchvision's decoders are deprecated
     from 0.29)."""
+    with Image.open(io.BytesIO(_image_bytes(sample))) as image:
+        pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def _image_bytes(sample: dict) -> bytes:
     data = sample.get("jpg", sample.get("png"))
     if data is None:
         raise UserError(f"{sample.get('__url__')}: sample {sample['__key__']} has no jpg/png")
-    with Image.open(io.BytesIO(data)) as image:
-        pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    return data
 
 
 def _eval_sample(sample: dict, image_size: int) -> dict:
@@ -242,21 +247,14 @@ def _eval_sample(sample: dict, image_size: int) -> dict:
             "rows": meta["row"]}
 
 
-def _attach_views(views: ViewSource):
-    """Stage: attach each (still encoded) sample's m views: from a store, the cached crops and
-    logits, read once per shard and view; without one, crops drawn from (seed, view, row) for a
-    whole segment in one draw_views call, on the image sizes read from the encoded headers."""
+def _attach_cached_views(views: ViewSource):
+    """Stage: each (still encoded) sample's m cached views, crop and logits, from the store,
+    read once per shard and view."""
     view_ids = views.view_ids()
 
     def stage(samples):
-        current, cached, pending = None, None, []
+        current, cached = None, None
         for sample in samples:
-            if views.store is None:
-                if pending and pending[-1]["segment"] is not sample["segment"]:
-                    yield from _with_drawn_views(pending, views, view_ids)
-                    pending = []
-                pending.append(sample)
-                continue
             shard = sample["segment"].shard
             if shard is not current:  # one read per view per shard per epoch
                 current = shard
@@ -264,32 +262,43 @@ def _attach_views(views: ViewSource):
             sample["views"] = [_cached_view(part, sample["meta"], shard, views.store)
                                for part in cached]
             yield sample
-        yield from _with_drawn_views(pending, views, view_ids)
 
     return stage
 
 
-def _with_drawn_views(samples: list[dict], views: ViewSource, view_ids: list[int]):
-    """`samples` (one segment's, contiguous rows) with their views drawn in one call: per
-    sample draw_views costs ~160 us of numpy overhead, per segment ~1 us a row."""
-    if not samples:
-        return
-    sizes = [_encoded_size(sample) for sample in samples]  # (height, width)
-    boxes, flips = draw_views(views.seed, view_ids, [s["meta"]["row"] for s in samples],
-                              [h for h, _ in sizes], [w for _, w in sizes], spec=views.crop)
-    for i, sample in enumerate(samples):
-        sample["views"] = [{"box": boxes[j, i], "flip": flips[j, i]}
-                           for j in range(len(view_ids))]
-        yield sample
+def _attach_drawn_views(views: ViewSource):
+    """Stage: each (still encoded) sample's m views drawn from (seed, view, row), one
+    draw_views call per segment (per sample it costs ~160 us of numpy overhead, per segment
+    ~1 us a row), on the image sizes read from the encoded headers."""
+    view_ids = views.view_ids()
+
+    def with_views(segment_samples: list[dict]):
+        sizes = [_encoded_size(sample) for sample in segment_samples]  # (height, width)
+        boxes, flips = draw_views(views.seed, view_ids,
+                                  [sample["meta"]["row"] for sample in segment_samples],
+                                  [h for h, _ in sizes], [w for _, w in sizes], spec=views.crop)
+        for i, sample in enumerate(segment_samples):
+            sample["views"] = [{"box": boxes[j, i], "flip": flips[j, i]}
+                               for j in range(len(view_ids))]
+            yield sample
+
+    def stage(samples):
+        pending = []
+        for sample in samples:
+            if pending and pending[-1]["segment"] is not sample["segment"]:
+                yield from with_views(pending)
+                pending = []
+            pending.append(sample)
+        if pending:
+            yield from with_views(pending)
+
+    return stage
 
 
 def _encoded_size(sample: dict) -> tuple[int, int]:
     """(height, width) of the sample's image from its header (PIL decodes lazily): the size
     decode() will return."""
-    data = sample.get("jpg", sample.get("png"))
-    if data is None:
-        raise UserError(f"{sample.get('__url__')}: sample {sample['__key__']} has no jpg/png")
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(_image_bytes(sample))) as image:
         return image.height, image.width
 
 

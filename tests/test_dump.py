@@ -18,13 +18,14 @@ from helpers_stage_one import (  # noqa: F401 (fixtures)
     train_samples, with_changes, write_params_file)
 from pipeline.augment import CropSpec, apply_view, draw_views, normalize, pixel_box
 from pipeline.cli import cli
-from pipeline.distill import crop_spec, file_sha256, load_model, train_student
+from pipeline.distill import crop_spec, load_model, train_student
+from pipeline.distributed import distributed
 from pipeline.dump import dump_logits
 from pipeline.errors import UserError
 from pipeline.losses import class_prior
+from pipeline.shards import file_sha256
 from pipeline.store import (
     MARKERS, PARTIALS_GROUP, VIEW_ARRAYS, StoreMismatchError, open_store, shard_bounds)
-from pipeline.distributed import distributed
 from stages.dump_logits import main as dump_main
 
 VIEWS, TOPK, CLASSES = 3, 2, 3  # toy params: logits.views, logits.topk; 3 classes

@@ -1,6 +1,5 @@
 """Losses against slow, obviously-correct references (explicit C x C pair matrices, loops)."""
 
-import math
 
 import pytest
 import torch

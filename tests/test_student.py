@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from pipeline.augment import normalize
-from pipeline.distill import (CachedTeacher, OnlineTeacher, _run, crop_spec, file_sha256,
-                              load_model, student_objective, train_student, train_teacher)
+from pipeline.distill import (CachedTeacher, OnlineTeacher, _run, crop_spec, load_model,
+                              student_objective, train_student, train_teacher)
 from pipeline.dump import dump_logits
 from pipeline.params import Params, ParamsError, check_consistency, parse, to_dict
+from pipeline.shards import file_sha256
 from pipeline.store import StoreMismatchError, open_store
 from pipeline.stream import ViewSource, split_shards, train_loader
 from pipeline.train import CHECKPOINT, load_checkpoint
