@@ -67,6 +67,7 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
     ranks.barrier()  # the other ranks open the store rank 0 has created or kept
     if not ranks.is_main:
         group = create_store(store_path, **shape, attributes=attributes)
+        create_prior_partials(group, settings.prior_temperatures)  # made by rank 0: a no-op
     done = completed_shards(group)
     todo = [i for i in range(len(shards)) if i % ranks.world_size == ranks.rank and i not in done]
     for index in tqdm(todo, desc=f"dump {teacher_name}", unit="shard", disable=not ranks.is_main):
