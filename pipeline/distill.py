@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from pipeline.augment import CropSpec
-from pipeline.losses import DistillationObjective, distillation_objective, expand_topk
+from pipeline.errors import UserError
+from pipeline.losses import DistillationObjective, distillation_objective
 from pipeline.models import build_model
 from pipeline.params import AugmentParams, Params, StudentParams, TrainParams, to_dict
 from pipeline.shards import file_sha256, load_manifest
-from pipeline.store import LogitStore, open_store
+from pipeline.store import LOGIT_FIELDS, LogitStore, open_store, teacher_logits_from_fields
 from pipeline.distributed import distributed
 from pipeline.stream import ViewSource, epoch_steps, eval_loader, split_shards, train_loader
 from pipeline.train import TrainRun, fit, load_checkpoint
@@ -21,7 +22,7 @@ from pipeline.train import TrainRun, fit, load_checkpoint
 
 # Store attributes that change what a student learns (its resume identity includes them).
 STORE_IDENTITY = ("teacher_sha256", "fingerprint", "seed", "augmentation", "views", "topk",
-                  "teacher_image_size")
+                  "tail", "teacher_image_size")
 
 
 def crop_spec(augment: AugmentParams) -> CropSpec:
@@ -72,6 +73,7 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
     elif objective.needs_teacher:
         store = open_store(store_path, fingerprint=manifest["fingerprint"], seed=params.seed,
                            teacher_sha256=file_sha256(teacher_checkpoint))
+        check_store_serves(store, settings)
         prior = (store.class_prior(settings.ikl.weight_temperature)
                  if objective.needs_class_prior else None)
         targets = CachedTeacher(manifest["num_classes"], prior, distributed().device)
@@ -80,6 +82,19 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
                teacher_targets=targets, teacher_identity=teacher_identity,
                description="student")
     return fit(_new_model(settings, manifest, params.seed), run, out_dir, live_dir)
+
+
+def check_store_serves(store: LogitStore, settings: StudentParams) -> None:
+    """Refuse, before training, an IKL student on a store without every class's logit: IKL's
+    weighted MSE weighs each tail class's own logit like a head class's, so the even fill of a
+    top-k-only store trains a different loss (20-60 % off in gradient, BENCHMARKS.md)."""
+    if (settings.loss == "ikl" and not store.exact_logits
+            and not settings.ikl.approximate_tail):
+        raise UserError(
+            f"logit store {store.path} keeps only the top-{store.topk} of {store.num_classes} "
+            "logits (tail: none), but IKL's weighted MSE needs every class's logit; set "
+            "logits.tail: quantized and rerun dump_logits (dvc repro), or set "
+            "student.ikl.approximate_tail: true to train on the evenly filled tail anyway")
 
 
 def student_objective(settings: StudentParams) -> DistillationObjective:
@@ -99,8 +114,9 @@ def student_objective(settings: StudentParams) -> DistillationObjective:
 
 
 class CachedTeacher:
-    """Teacher targets from the cached top-k: full logits via expand_topk, and GI class
-    weights (the prior's row for each label) when a prior is given."""
+    """Teacher targets from the store's fields in the batch: full (B, C) logits decoded on the
+    training device (`teacher_logits_from_fields`), and GI class weights (the prior's row for
+    each label) when a prior is given."""
 
     def __init__(self, num_classes: int, class_prior, device: torch.device):
         self.num_classes = num_classes
@@ -109,8 +125,8 @@ class CachedTeacher:
 
     def __call__(self, batch: dict, images: torch.Tensor) -> tuple:
         to_device = lambda key: batch[key].to(self.device, non_blocking=True)  # noqa: E731
-        teacher_logits = expand_topk(to_device("topk_logits"), to_device("topk_classes"),
-                                     to_device("logsumexp"), self.num_classes)  # (B, C)
+        fields = {name: to_device(name) for name in LOGIT_FIELDS if name in batch}
+        teacher_logits = teacher_logits_from_fields(fields, self.num_classes)  # (B, C)
         weights = None if self.prior is None else self.prior[to_device("labels")]  # (B, C)
         return teacher_logits, weights
 

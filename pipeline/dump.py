@@ -3,13 +3,15 @@ teacher's Zarr store (contract: shared/DESIGN.md and pipeline/store.py).
 
 Per WebDataset shard: decode each image once, draw its V views from (seed, view, row), run the
 teacher (eval mode, no gradients) on each view, keep the top-k raw logits, their classes and
-the log-sum-exp over all classes, and add the full logits to the exact class priors. A shard is
+the log-sum-exp over all classes (and, with `logits.tail: quantized`, every other class's logit,
+quantised), and add the full logits to the exact class priors. A shard is
 written whole, marker last, so a rerun after a crash skips complete shards and rewrites a
 partial one. The store is marked complete only after every shard and the priors are written.
 """
 
 from __future__ import annotations
 
+import fsspec
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -21,9 +23,9 @@ from pipeline.errors import UserError
 from pipeline.losses import ClassPriorAccumulator
 from pipeline.params import Params
 from pipeline.shards import file_sha256, load_manifest
-from pipeline.store import (StoreMismatchError, check_image_sides, class_id_dtype,
-                            completed_shards, create_prior_partials, create_store,
-                            drop_prior_partials, finalize_store, reduce_prior_partials,
+from pipeline.store import (check_image_sides, completed_shards, create_prior_partials,
+                            create_store, drop_prior_partials, finalize_store, identity,
+                            open_existing, reduce_prior_partials, store_identity,
                             write_prior_partials, write_shard)
 from pipeline.stream import Shard, decode, read_shard, split_shards
 
@@ -46,6 +48,11 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
         raise UserError(f"logits.topk: {settings.topk} exceeds the {num_classes} classes")
     ranks = distributed()
     teacher, state = load_model(checkpoint)
+    trained_size = state["params"]["train"]["image_size"]
+    if trained_size != settings.image_size:
+        raise UserError(f"logits.image_size: {settings.image_size} differs from the "
+                        f"{trained_size} px the teacher {teacher_name!r} was trained at "
+                        f"({checkpoint}); set logits.image_size: {trained_size}")
     teacher = teacher.to(ranks.device)
     attributes = {
         "teacher_name": teacher_name, "teacher_arch": state["arch"],
@@ -60,13 +67,20 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
     }
     shape = dict(rows=manifest["splits"]["train"]["rows"], views=settings.views,
                  topk=settings.topk, num_classes=num_classes,
-                 shard_rows=shards[0].stop - shards[0].start)
+                 shard_rows=shards[0].stop - shards[0].start, tail=settings.tail)
+    wanted = store_identity(**shape, attributes=attributes)
+    target = _target_path(store_path, wanted)  # every rank decides before rank 0 writes
+    if target is None:
+        if ranks.is_main:
+            print(f"{store_path} is complete and matches this dump; kept as it is")
+        return
+    ranks.barrier()
     if ranks.is_main:
-        group = _open_for_writing(store_path, shape, attributes)
+        group = create_store(target, **shape, attributes=attributes)
         create_prior_partials(group, settings.prior_temperatures)
     ranks.barrier()  # the other ranks open the store rank 0 has created or kept
     if not ranks.is_main:
-        group = create_store(store_path, **shape, attributes=attributes)
+        group = create_store(target, **shape, attributes=attributes)
         create_prior_partials(group, settings.prior_temperatures)  # made by rank 0: a no-op
     done = completed_shards(group)
     todo = [i for i in range(len(shards)) if i % ranks.world_size == ranks.rank and i not in done]
@@ -75,15 +89,48 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
     ranks.barrier()  # every shard is written before the priors are reduced
     if ranks.is_main:
         finish_store(group)
+        if target != store_path:
+            _swap_in(target, store_path)
     ranks.barrier()
 
 
-def _open_for_writing(store_path: str, shape: dict, attributes: dict):
-    try:  # resume an unfinished dump of exactly this teacher, data and settings
-        return create_store(store_path, **shape, attributes=attributes)
-    except StoreMismatchError as reason:  # anything else there is stale: start afresh
-        print(f"starting {store_path} afresh: {reason}")
-        return create_store(store_path, **shape, attributes=attributes, overwrite=True)
+REPLACEMENT_SUFFIX = ".next"
+
+
+def _target_path(store_path: str, wanted: dict) -> str | None:
+    """Where this dump writes: None when a complete store with exactly these attributes is
+    already there (kept, never rewritten); the store itself when it is absent or an unfinished
+    dump of the same (resumed); otherwise a replacement beside it, swapped in once complete, so
+    a crash never leaves less than there was."""
+    existing = open_existing(store_path, mode="r")
+    if existing is None:
+        return store_path
+    if identity(dict(existing.attrs)) == wanted:
+        return None if existing.attrs.get("complete") else store_path
+    print(f"{store_path} holds another dump; building its replacement in "
+          f"{store_path}{REPLACEMENT_SUFFIX}, swapped in when complete")
+    replacement = store_path + REPLACEMENT_SUFFIX
+    previous = open_existing(replacement, mode="r")
+    if previous is not None and identity(dict(previous.attrs)) != wanted:
+        _remove(replacement)  # a stale replacement of some other dump
+    return replacement
+
+
+def _swap_in(replacement: str, store_path: str) -> None:
+    """Move the complete `replacement` to `store_path`, the old store out of the way first."""
+    fs, path = fsspec.core.url_to_fs(store_path)
+    _, new = fsspec.core.url_to_fs(replacement)
+    old = path + ".old"
+    if fs.exists(old):
+        fs.rm(old, recursive=True)
+    fs.mv(path, old, recursive=True)
+    fs.mv(new, path, recursive=True)
+    fs.rm(old, recursive=True)
+
+
+def _remove(store_path: str) -> None:
+    fs, path = fsspec.core.url_to_fs(store_path)
+    fs.rm(path, recursive=True)
 
 
 def finish_store(group) -> None:
@@ -111,24 +158,21 @@ def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, spec: 
     num_classes = group.attrs["num_classes"]
     priors = {t: ClassPriorAccumulator(num_classes, weight_temperature=t)
               for t in settings.prior_temperatures}
-    out = {"topk_logits": [], "topk_classes": [], "logsumexp": []}
+    logits = []  # per view (n, C) float32
     for view in range(settings.views):
-        logits = _teacher_logits(teacher, images, boxes[view], flips[view], settings, device)
-        top = logits.topk(settings.topk, dim=1)  # sorted, descending
-        bad = ~torch.isfinite(logits).all(dim=1)
+        view_logits = _teacher_logits(teacher, images, boxes[view], flips[view], settings,
+                                      device)
+        bad = ~torch.isfinite(view_logits).all(dim=1)
         if bad.any():  # checked here, not only by write_shard, to name the row in one line
             row = int(rows[bad.nonzero()[0, 0]])
             raise UserError(f"teacher logits are NaN or Inf at row {row}, view {view} "
                             f"({shard.url}); check the teacher checkpoint")
-        out["topk_logits"].append(top.values.numpy())  # float32; stored as log-probabilities
-        out["topk_classes"].append(top.indices.numpy().astype(class_id_dtype(num_classes)))
-        out["logsumexp"].append(torch.logsumexp(logits, dim=1).numpy())
+        logits.append(view_logits.numpy())
         for accumulator in priors.values():
-            accumulator.update(logits, torch.from_numpy(labels))
+            accumulator.update(view_logits, torch.from_numpy(labels))
     counts = next(iter(priors.values())).counts.numpy()
     write_prior_partials(group, index, {t: a.sums.numpy() for t, a in priors.items()}, counts)
-    write_shard(group, index, **{k: np.stack(v) for k, v in out.items()}, boxes=boxes,
-                flips=flips, labels=labels)
+    write_shard(group, index, logits=np.stack(logits), boxes=boxes, flips=flips, labels=labels)
 
 
 @torch.no_grad()

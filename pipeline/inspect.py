@@ -1,7 +1,7 @@
 """The `inspect` command: summarise, look into, verify and plot a teacher logit store.
 
 The computations are plain functions (`store_summary`, `topk_mass`, `coverage_stats`,
-`view_details`, `verify_store`, `plot_store`); `inspect_command` only formats their results.
+`view_details`, `plot_store`; verification is `pipeline.store.verify_store`); `inspect_command` only formats their results.
 Register it with `cli.add_command(inspect_command, name="inspect")`.
 """
 from __future__ import annotations
@@ -12,9 +12,8 @@ import click
 import fsspec
 import numpy as np
 
-from pipeline.store import (
-    MARKERS, VIEW_ARRAYS, LogitStore, StoreMismatchError, open_store,
-)
+from pipeline.errors import UserError
+from pipeline.store import MARKERS, LogitStore, open_store, verify_store
 
 PERCENTILES = (1, 10, 50, 90)
 
@@ -42,22 +41,23 @@ def rows_written(store: LogitStore) -> int:
 def store_summary(store: LogitStore) -> dict:
     """Shapes, dtypes, sizes and identity of a store, as a plain dict.
 
-    bytes_per_view counts the stored chunk bytes of the five per-view arrays (logits, class ids,
-    logsumexp, box, flip) divided by the number of views written; raw_bytes_per_view is the same
-    data uncompressed, and compression_ratio their quotient.
+    bytes_per_view counts the stored chunk bytes of the per-view arrays (top-k, class ids,
+    logsumexp, the tail when stored, box, flip) divided by the number of views written;
+    raw_bytes_per_view is the same data uncompressed, and compression_ratio their quotient.
     """
     fs, root = _fs_and_root(store.path)
     arrays = {}
-    for name in VIEW_ARRAYS + ("labels", MARKERS):
+    view_arrays = store.array_names
+    for name in view_arrays + ("labels", MARKERS):
         array = store.group[name]
         arrays[name] = {"shape": tuple(array.shape), "dtype": str(array.dtype),
                         "chunks": tuple(array.chunks),
                         "shards": tuple(array.shards) if array.shards else None,
                         "stored_bytes": _du(fs, f"{root}/{name}/c")}
     views_written = store.views * rows_written(store)
-    stored = sum(arrays[name]["stored_bytes"] for name in VIEW_ARRAYS)
+    stored = sum(arrays[name]["stored_bytes"] for name in view_arrays)
     raw_per_view = sum(store.group[name].dtype.itemsize * int(np.prod(store.group[name].shape[2:]))
-                       for name in VIEW_ARRAYS)
+                       for name in view_arrays)
     bytes_per_view = stored / views_written if views_written else float("nan")
     attrs = store.attributes
     return {
@@ -65,7 +65,7 @@ def store_summary(store: LogitStore) -> dict:
         "teacher_arch": attrs.get("teacher_arch"), "teacher_sha256": attrs.get("teacher_sha256"),
         "fingerprint": attrs.get("fingerprint"), "seed": attrs.get("seed"),
         "format_version": attrs.get("format_version"),
-        "views": store.views, "rows": store.rows, "topk": store.topk,
+        "views": store.views, "rows": store.rows, "topk": store.topk, "tail": store.tail,
         "num_classes": store.num_classes, "shard_rows": store.shard_rows,
         "complete": store.complete, "shards_complete": len(store.completed_shards()),
         "num_shards": store.num_shards, "temperatures": store.temperatures, "arrays": arrays,
@@ -75,15 +75,15 @@ def store_summary(store: LogitStore) -> dict:
 
 
 def topk_mass(store: LogitStore) -> np.ndarray:
-    """(V, N) float32 probability mass of the top-k, sum_j exp(topk_logits_j - logsumexp);
+    """(V, N) float32 probability mass of the top-k, sum_j exp(topk_log_probs_j);
     NaN for rows of shards not yet complete. Reads one inner chunk per shard and view."""
     mass = np.full((store.views, store.rows), np.nan, dtype=np.float32)
     for shard_index in sorted(store.completed_shards()):
         start, stop = store.shard_bounds(shard_index)
         for view in range(store.views):
             rows = store.read_rows(view, start, stop)
-            logits = rows["topk_logits"].astype(np.float32)  # (n, k)
-            mass[view, start:stop] = np.exp(logits - rows["logsumexp"][:, None]).sum(-1)
+            log_probs = rows["topk_log_probs"].astype(np.float32)  # (n, k)
+            mass[view, start:stop] = np.exp(log_probs).sum(-1)
     return mass
 
 
@@ -99,66 +99,22 @@ def coverage_stats(mass: np.ndarray) -> dict:
 
 
 def view_details(store: LogitStore, row: int, view: int) -> dict:
-    """One view of one row: top-k classes, names, probabilities (exp(logit - lse)), residual
-    mass 1 - sum, crop box (top, left, height, width) and flip."""
+    """One view of one row: top-k classes, names, logits and probabilities (exp(logit - lse)),
+    residual mass 1 - sum, crop box (top, left, height, width) and flip; with every class's
+    logit in the store (`store.exact_logits`), also the tail's logits (`tail_logits`, (C,) in
+    class order, from `LogitStore.teacher_logits`)."""
     rows = store.read_rows(view, row, row + 1)
-    logits = rows["topk_logits"][0].astype(np.float32)  # (k,)
-    probabilities = np.exp(logits - rows["logsumexp"][0])
+    logits = store.teacher_logits(view, row, row + 1)[0]  # (C,)
     classes = [int(c) for c in rows["topk_classes"][0]]
+    probabilities = np.exp(rows["topk_log_probs"][0].astype(np.float32))  # (k,)
     return {
         "row": row, "view": view, "label": int(store.labels[row]),
         "classes": classes, "class_names": [store.class_names[c] for c in classes],
-        "logits": logits.tolist(), "probabilities": probabilities.tolist(),
+        "logits": logits[classes].tolist(), "probabilities": probabilities.tolist(),
         "residual": float(1.0 - probabilities.sum()), "logsumexp": float(rows["logsumexp"][0]),
         "box": rows["boxes"][0].tolist(), "flip": bool(rows["flips"][0]),
+        "tail_logits": logits.tolist() if store.exact_logits else None,
     }
-
-
-def verify_store(path: str, fingerprint: str | None = None) -> list[str]:
-    """Every problem found in the store, as readable sentences (empty list = OK).
-
-    Checks: the store opens, matches `fingerprint` if given, is complete, every shard is marked
-    complete and holds finite logits / logsumexp / boxes and in-range class ids and labels, and
-    every listed class prior is present and finite.
-    """
-    try:
-        store = open_store(path, fingerprint=fingerprint, require_complete=False)
-    except (FileNotFoundError, StoreMismatchError) as error:
-        return [str(error)]
-    problems = []
-    if not store.complete:
-        problems.append("store is incomplete (the complete flag is not set); rerun dump_logits")
-    missing = sorted(set(range(store.num_shards)) - store.completed_shards())
-    if missing:
-        problems.append(f"{len(missing)} of {store.num_shards} shards not written: {missing[:20]}")
-    for shard_index in sorted(store.completed_shards()):
-        problems += _verify_shard(store, shard_index)
-    for temperature in store.temperatures:
-        try:
-            prior = store.class_prior(temperature)
-        except (KeyError, FileNotFoundError):
-            problems.append(f"class prior at T={temperature} is listed but missing")
-            continue
-        if not np.isfinite(prior).all():
-            problems.append(f"class prior at T={temperature} has non-finite values")
-    return problems
-
-
-def _verify_shard(store: LogitStore, shard_index: int) -> list[str]:
-    start, stop = store.shard_bounds(shard_index)
-    problems = []
-    for view in range(store.views):
-        rows = store.read_rows(view, start, stop)
-        for name in ("topk_logits", "logsumexp", "boxes"):
-            bad = ~np.isfinite(rows[name])
-            if bad.any():
-                row = start + int(np.argwhere(bad)[0][0])
-                problems.append(f"shard {shard_index}: non-finite {name} at row {row}, view {view}")
-        if (rows["topk_classes"] >= store.num_classes).any():
-            problems.append(f"shard {shard_index}: class id >= {store.num_classes} in view {view}")
-    if (store.labels[start:stop] >= store.num_classes).any():
-        problems.append(f"shard {shard_index}: label >= {store.num_classes}")
-    return problems
 
 
 def plot_store(store: LogitStore, mass: np.ndarray, file: str,
@@ -203,7 +159,7 @@ def _echo_summary(summary: dict, stats: dict) -> None:
                f"sha256 {s['teacher_sha256']}")
     click.echo(f"  fingerprint  {s['fingerprint']}   seed {s['seed']}")
     click.echo(f"  V={s['views']} views  N={s['rows']} rows  k={s['topk']}  C={s['num_classes']}  "
-               f"shard_rows={s['shard_rows']}")
+               f"tail={s['tail']}  shard_rows={s['shard_rows']}")
     click.echo(f"  complete     {s['complete']}   "
                f"shards complete {s['shards_complete']}/{s['num_shards']}   "
                f"class prior temperatures {s['temperatures']}")
@@ -230,6 +186,10 @@ def _echo_view(details: dict) -> None:
     for rank, (cls, name, prob) in enumerate(ranked):
         click.echo(f"  {rank + 1:3d}. class {cls:5d} {name:24s} p={prob:.6f}")
     click.echo(f"  residual mass {d['residual']:.6f}")
+    if d["tail_logits"] is not None:
+        tail = np.asarray(d["tail_logits"])
+        click.echo(f"  all {tail.size} logits: min {tail.min():.3f}  median "
+                   f"{np.median(tail):.3f}  max {tail.max():.3f}")
     top, left, height, width = d["box"]
     click.echo(f"  box top={top:.4f} left={left:.4f} height={height:.4f} width={width:.4f}  "
                f"flip {d['flip']}")
@@ -260,7 +220,7 @@ def inspect_command(store_path: str, row: int | None, view: int, verify: bool,
                 fingerprint = json.load(file).get("fingerprint")
             if fingerprint is None:
                 raise click.ClickException(f"manifest {manifest} has no 'fingerprint' key")
-        problems = verify_store(store_path, fingerprint=fingerprint)
+        problems = verify_store(store_path, fingerprint=fingerprint, progress=True)
         if problems:
             raise click.ClickException("verify failed for " + store_path + ":\n  "
                                        + "\n  ".join(problems))
@@ -271,7 +231,7 @@ def inspect_command(store_path: str, row: int | None, view: int, verify: bool,
         return
     try:
         store = open_store(store_path, require_complete=False)
-    except (FileNotFoundError, StoreMismatchError) as error:
+    except (FileNotFoundError, UserError) as error:
         raise click.ClickException(str(error)) from error
     if row is not None:
         if not 0 <= row < store.rows or not 0 <= view < store.views:

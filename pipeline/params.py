@@ -109,7 +109,10 @@ class LogitsParams:
     """`logits`: what stage one caches for every train row."""
 
     views: int = _param(8, at_least(1))  # V seeded views per row
-    topk: int = _param(5, at_least(1))  # k logits kept per view (k = C keeps them all)
+    topk: int = _param(5, at_least(1))  # k logits kept exactly per view (k = C: all of them)
+    # none: the top-k only (smallest; right for KL-KD, IKL needs the tail); quantized: every
+    # other class's logit too, one byte each (pipeline/store/encoding.py)
+    tail: str = _param("quantized", one_of("none", "quantized"))
     image_size: int = _param(224, at_least(8))  # the teacher's input side
     batch_size: int = _param(256, at_least(1))
     prior_temperatures: tuple[float, ...] = (1.0,)  # class priors (IKL's GI) to store
@@ -130,6 +133,9 @@ class IKLParams:
     weights: str = _param("sample", one_of("sample", "class_prior"))  # class_prior = GI
     gamma: float = _param(1.0, above(0))
     normalize: bool = False  # divide wMSE by sum(w w^T): the generalised variant
+    # train IKL on a top-k-only store (logits.tail: none, k < C) anyway, with the classes
+    # outside the top-k filled evenly: a different loss than the paper's (README, "Top-k and IKL")
+    approximate_tail: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ of the epoch's order, as DistributedSampler pads) and so the same number of batc
 DDP needs; with one process every row is seen exactly once.
 
 A batch is a dict of tensors: `images` (B, 3, S, S) uint8, `labels` (B,) int64, `rows` (B,)
-int64, and for a student `topk_logits` (B, k) float16, `topk_classes` (B, k) int64,
-`logsumexp` (B,) float32.
+int64, and for a student the store's fields of its teacher logits (pipeline.store.LOGIT_FIELDS):
+`topk_log_probs` (B, k) float16, `topk_classes` (B, k) int64, `logsumexp` (B,) float32 and, with
+a quantised tail, `tail_codes` (B, C) uint8 and `tail_floor` (B,) float16; the trainer decodes
+them into (B, C) logits on its device (pipeline.distill.CachedTeacher).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.augment import CropSpec, apply_view, draw_views, eval_view
 from pipeline.errors import UserError
+from pipeline.store import LOGIT_FIELDS
 
 SHUFFLE_BUFFER = 2000  # samples (still encoded): a few shards' worth mixes classes well
 WORKER_CHUNK = 64  # samples a worker sends at once: few transfers, exact batches after
@@ -309,10 +312,13 @@ def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:
                         f"logit store {store.path}; it was dumped from other shards: rerun "
                         "dump_logits")
     i = row - shard.start
-    return {"box": part["boxes"][i], "flip": part["flips"][i],
-            "topk_logits": torch.from_numpy(part["topk_logits"][i]),
-            "topk_classes": torch.from_numpy(part["topk_classes"][i].astype(np.int64)),
-            "logsumexp": torch.tensor(part["logsumexp"][i])}
+    view = {"box": part["boxes"][i], "flip": part["flips"][i]}
+    for name in LOGIT_FIELDS:  # as stored; decoded per batch where the loss runs
+        if name in part:
+            value = part[name][i]
+            view[name] = torch.from_numpy(np.asarray(
+                value, dtype=np.int64 if name == "topk_classes" else value.dtype))
+    return view
 
 
 def _decode_and_crop(image_size: int):

@@ -1,0 +1,200 @@
+"""Reading a logit store: `open_store` validates it and `LogitStore` serves its rows, checked.
+
+Every read is checked against the checksums recorded when the shard was written (a missing
+chunk reads back as the fill value and fails its checksum; a damaged one fails the crc32c codec
+or its checksum): the error names the array, the shard and the rows, and says to rerun the dump.
+A read returns whole shards' chunks (one inner chunk per array per view), sliced to the rows
+asked for.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.store.encoding import (
+    FORMAT_VERSION, decode_boxes, gap_decode, teacher_logits_from_fields)
+from pipeline.store.layout import (
+    CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, ClassPriorNotFoundError, StoreCorruptError,
+    StoreMismatchError, chunk_checksum, has_tail, prior_name, validate_attributes, view_arrays)
+from pipeline.store.writing import _json_normalise, _short, shard_bounds
+
+# The fields of a view that make its teacher logits (what the student's batches carry).
+LOGIT_FIELDS = ("topk_log_probs", "topk_classes", "logsumexp", "tail_codes", "tail_floor")
+
+
+def open_store(path: str, *, fingerprint: str | None = None, seed: int | None = None,
+               teacher_sha256: str | None = None, require_complete: bool = True) -> "LogitStore":
+    """Open a store for reading, refusing one that is not the expected, finished dump.
+
+    Each of fingerprint / seed / teacher_sha256 that is given must equal the stored attribute;
+    otherwise (or when the store is incomplete and require_complete) StoreMismatchError names
+    the attribute, the expected and found values. Attributes that break the schema or disagree
+    with the arrays' shapes raise StoreCorruptError. FileNotFoundError when nothing is there.
+    """
+    try:
+        group = zarr.open_group(path, mode="r")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"no logit store at {path}; run the dump_logits stage") from error
+    attrs = dict(group.attrs)
+    expected = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "seed": seed,
+                "teacher_sha256": teacher_sha256}
+    for key, value in expected.items():
+        if value is not None and attrs.get(key) != _json_normalise(value):
+            raise StoreMismatchError(
+                f"logit store {path} does not match: {key} expected {value!r}, found "
+                f"{_short(attrs.get(key))}. The store was dumped for another dataset, seed, "
+                "teacher or store format; rerun dump_logits (dvc repro) to rebuild it.")
+    validate_attributes(path, attrs, group)
+    if require_complete and not attrs.get("complete"):
+        done = int(np.count_nonzero(group[MARKERS][:]))
+        raise StoreMismatchError(
+            f"logit store {path} is incomplete (complete expected True, found False; "
+            f"{done}/{attrs.get('num_shards')} shards written); rerun dump_logits to finish it.")
+    return LogitStore(path, group)
+
+
+class LogitStore:
+    """Read side of a logit store; open it with `open_store`."""
+
+    def __init__(self, path: str, group: zarr.Group):
+        self.path = path
+        self.group = group
+        self.attributes: dict = dict(group.attrs)
+        self.views: int = self.attributes["views"]
+        self.rows: int = self.attributes["rows"]
+        self.topk: int = self.attributes["topk"]
+        self.num_classes: int = self.attributes["num_classes"]
+        self.shard_rows: int = self.attributes["shard_rows"]
+        self.num_shards: int = self.attributes["num_shards"]
+        self.tail: str = self.attributes["tail"]
+        self.class_names: list[str] = list(self.attributes["class_names"])
+        self.complete: bool = bool(self.attributes.get("complete"))
+        self.array_names = view_arrays(self.attributes)
+        self._arrays = {name: group[name] for name in self.array_names}
+        self._checksums: dict[int, np.ndarray] = {}
+        self._labels: np.ndarray | None = None
+
+    @property
+    def exact_logits(self) -> bool:
+        """Whether `teacher_logits` gives every class's own logit (k = C or a quantised tail),
+        rather than the top-k with the rest filled evenly."""
+        return self.topk == self.num_classes or has_tail(self.attributes)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) label of every row, checked against each shard's checksum (read once)."""
+        if self._labels is None:
+            labels = self._read(self.group["labels"], "labels", slice(None))
+            recorded = self._read(self.group[LABEL_CHECKSUMS], LABEL_CHECKSUMS, slice(None))
+            for shard_index in range(self.num_shards):
+                start, stop = self.shard_bounds(shard_index)
+                if chunk_checksum(labels[start:stop]) != recorded[shard_index]:
+                    raise self._corrupt("labels", shard_index)
+            self._labels = labels
+        return self._labels
+
+    @property
+    def temperatures(self) -> list[float]:
+        """Temperatures with a stored class prior."""
+        return list(self.attributes.get("class_prior_temperatures", []))
+
+    def shard_bounds(self, shard_index: int) -> tuple[int, int]:
+        """Global row range [start, stop) of WebDataset shard `shard_index`."""
+        return shard_bounds(self.rows, self.shard_rows, shard_index)
+
+    def completed_shards(self) -> set[int]:
+        return {int(i) for i in np.flatnonzero(self.group[MARKERS][:])}
+
+    def read_rows(self, view: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of one view, decoded and checked: one inner chunk per array per
+        shard the range touches (one per array when the range is a WebDataset shard).
+
+        Returns topk_log_probs (n, k) float16, descending; topk_classes (n, k) uint;
+        logsumexp (n,) float32; with a quantised tail tail_codes (n, C) uint8 and tail_floor (n,)
+        float16; boxes (n, 4) float32; flips (n,) bool. Raises StoreCorruptError on a missing or
+        damaged chunk, IndexError outside the store.
+        """
+        if not 0 <= view < self.views:
+            raise IndexError(f"view {view} out of range: the store has {self.views} views")
+        if not 0 <= start < stop <= self.rows:
+            raise IndexError(f"rows [{start}, {stop}) out of range: the store has {self.rows} rows")
+        parts = [self._read_shard_view(view, shard_index)
+                 for shard_index in range(start // self.shard_rows,
+                                          (stop - 1) // self.shard_rows + 1)]
+        first = (start // self.shard_rows) * self.shard_rows
+        rows = {name: np.concatenate([part[name] for part in parts])[start - first:stop - first]
+                for name in parts[0]}
+        rows["topk_log_probs"] = gap_decode(rows.pop("topk_codes"))
+        rows["boxes"] = decode_boxes(rows["boxes"], self.attributes["encoding"]["box_scale"])
+        return rows
+
+    def teacher_logits(self, view: int, start: int, stop: int) -> np.ndarray:
+        """(n, C) float32 teacher logits of rows [start, stop) in one view: exact to float16
+        for k = C, within half a tail step with a quantised tail, the top-k with the rest
+        filled evenly otherwise (`pipeline.store.encoding.teacher_logits_from_fields`)."""
+        rows = self.read_rows(view, start, stop)
+        fields = {name: torch.from_numpy(np.ascontiguousarray(rows[name]).astype(
+            np.int64 if name == "topk_classes" else rows[name].dtype))
+            for name in LOGIT_FIELDS if name in rows}
+        return teacher_logits_from_fields(fields, self.num_classes).numpy()
+
+    def class_prior(self, temperature: float) -> np.ndarray:
+        """(C, C) float32 class prior at `temperature` (row c: mean prediction for label c),
+        checked against its recorded checksum."""
+        for stored in self.temperatures:
+            if math.isclose(stored, float(temperature), rel_tol=1e-9):
+                name = prior_name(stored)
+                try:
+                    prior = self.group[PRIOR_GROUP][name][:]
+                except KeyError as error:
+                    raise StoreCorruptError(f"logit store {self.path}: the class prior {name} "
+                                            "is listed but missing; rerun dump_logits") from error
+                recorded = self.attributes.get("class_prior_checksums", {}).get(name)
+                if chunk_checksum(prior) != recorded:
+                    raise StoreCorruptError(
+                        f"logit store {self.path}: the class prior {name} is damaged (checksum "
+                        "mismatch); delete the store and rerun dump_logits")
+                return prior
+        raise ClassPriorNotFoundError(
+            f"logit store {self.path} has no class prior at temperature {temperature}; stored "
+            f"temperatures: {self.temperatures or 'none'}. Set the IKL GI temperature to one of "
+            "them or add it to dump_logits' prior temperatures and rerun it.")
+
+    def _read_shard_view(self, view: int, shard_index: int) -> dict[str, np.ndarray]:
+        """Every array's chunk of one view of one shard, as stored, checksums verified."""
+        start, stop = self.shard_bounds(shard_index)
+        if shard_index not in self._checksums:
+            self._checksums[shard_index] = self._read(self.group[CHECKSUMS], CHECKSUMS,
+                                                      shard_index)
+        recorded = self._checksums[shard_index][view]  # (A,)
+        chunks = {}
+        for position, name in enumerate(self.array_names):
+            chunk = self._read(self._arrays[name], name, (view, slice(start, stop)),
+                               shard_index)
+            if chunk_checksum(chunk) != recorded[position]:
+                raise self._corrupt(name, shard_index, view)
+            chunks[name] = chunk
+        return chunks
+
+    def _read(self, array, name: str, selection, shard_index: int | None = None) -> np.ndarray:
+        try:
+            return array[selection]
+        # Any failure to decode stored bytes (crc32c mismatch, a truncated Blosc or Zstd frame,
+        # a torn shard index) means the same to the user: this chunk is damaged.
+        except Exception as error:  # noqa: BLE001
+            raise self._corrupt(name, shard_index, detail=f" ({type(error).__name__}: "
+                                f"{str(error)[:80]})") from error
+
+    def _corrupt(self, name: str, shard_index: int | None, view: int | None = None,
+                 detail: str = "") -> StoreCorruptError:
+        where = ""
+        if shard_index is not None:
+            start, stop = self.shard_bounds(shard_index)
+            where = f", shard {shard_index} (rows {start}..{stop - 1}"
+            where += f", view {view})" if view is not None else ")"
+        return StoreCorruptError(
+            f"logit store {self.path}: array {name!r}{where} is missing or damaged{detail}; "
+            "delete the store and rerun dump_logits")
