@@ -1,9 +1,10 @@
 """Stage two's stream (pipeline.stream) on tiny digits-LT shards and hand-made logit stores.
 
-The stores here are written with pipeline.store directly, with values that name their row and
-view (topk_logits[v, r, 0] = 4 r + v, logsumexp[v, r] = r + 1000 v) and boxes drawn under a seed
-the stream never sees, so every batch can be checked exactly against the row it claims to be:
-its logits, its label and its pixels (the decoded image cropped with the stored box and flip).
+The stores here are written with pipeline.store directly, from full logits whose stored fields
+name their row and view (top log-probability -(1 + (4 r + v) / 1024), exact in float16;
+logsumexp r + 1000 v; a tail that differs per row) and boxes drawn under a seed the stream never
+sees, so every batch can be checked exactly against the row it claims to be: its teacher fields
+and logits, its label and its pixels (the decoded image cropped with the stored box and flip).
 Helpers shared with the other stage-two test files live here (imported as `test_stream`).
 """
 
@@ -18,8 +19,8 @@ from pipeline.augment import CropSpec, apply_view, draw_views
 from pipeline.errors import UserError
 from pipeline.params import DataParams
 from pipeline.shards import prepare_shards
-from pipeline.store import (StoreMismatchError, class_id_dtype, create_store, finalize_store,
-                            open_store, shard_bounds, write_shard)
+from pipeline.store import (LOGIT_FIELDS, StoreMismatchError, create_store, finalize_store,
+                            open_store, shard_bounds, teacher_logits_from_fields, write_shard)
 from pipeline.stream import (FRESH_VIEW_OFFSET, ViewSource, decode, split_shards,
                              train_loader)
 
@@ -58,22 +59,47 @@ def store_attributes(manifest, **changes) -> dict:
     return {**attributes, **changes}
 
 
-def write_row_coded_store(path, manifest, labels, *, views=VIEWS, **attribute_changes) -> dict:
-    """A complete store whose values name their (view, row); returns its arrays (V, N, ...)."""
-    rows, num_classes = manifest["splits"]["train"]["rows"], manifest["num_classes"]
-    row_ids = np.arange(rows)
-    view_ids = np.arange(views)[:, None]  # (V, 1)
-    first = (4 * row_ids + view_ids).astype(np.float32)  # (V, N): exact in float16 below 2048
+def row_code(views: int, rows: int) -> np.ndarray:
+    """(V, N) 4 r + v: a distinct integer per (view, row)."""
+    return 4 * np.arange(rows) + np.arange(views)[:, None]
+
+
+def row_coded_logits(labels, views: int, num_classes: int) -> np.ndarray:
+    """(V, N, C) float64 full logits whose store fields name their (view, row): the label's
+    log-probability is -(1 + (4 r + v) / 1024) (exact in float16), class label + 1's half a nat
+    less, the other classes share the rest in proportions 1 : 2 : ... (a tail that differs per
+    row and class), and the logsumexp is r + 1000 v."""
     labels = np.asarray(labels, dtype=np.int64)
-    classes = np.stack([labels, (labels + 1) % num_classes], axis=-1)  # (N, 2) distinct ids
-    boxes, flips = draw_views(BOX_SEED, views, row_ids, IMAGE_SIZE, IMAGE_SIZE, spec=BOX_SPEC)
-    arrays = dict(topk_logits=np.stack([first, first - 0.5], axis=-1),  # (V, N, 2) descending
-                  topk_classes=np.broadcast_to(classes, (views, rows, 2)).astype(
-                      class_id_dtype(num_classes)),
-                  logsumexp=(row_ids + 1000 * view_ids).astype(np.float32),  # (V, N)
-                  boxes=boxes, flips=flips)
+    rows = len(labels)
+    code = row_code(views, rows)
+    assert code.max() < 1024, "the top log-probabilities stay exact in float16"
+    first = -(1 + code / 1024)  # (V, N), in [-1.34, -1]
+    second = first - 0.5
+    rest = 1 - np.exp(first) - np.exp(second)  # (V, N), > 0.4
+    others = num_classes - 2
+    shares = np.arange(1, others + 1) / (others * (others + 1) / 2)  # (C - 2,) summing to 1
+    log_probs = np.empty((views, rows, num_classes))
+    row_ids = np.arange(rows)
+    for r, label in enumerate(labels):
+        tail = [c for c in range(num_classes) if c not in (label, (label + 1) % num_classes)]
+        log_probs[:, r, label] = first[:, r]
+        log_probs[:, r, (label + 1) % num_classes] = second[:, r]
+        log_probs[:, r, tail] = np.log(rest[:, r, None] * shares)  # each below second
+    assert (np.sort(log_probs, -1)[..., -2] == second).all()  # the top 2 are label, label + 1
+    return log_probs + (row_ids + 1000 * np.arange(views)[:, None])[..., None]
+
+
+def write_row_coded_store(path, manifest, labels, *, views=VIEWS, tail="quantized",
+                          **attribute_changes) -> dict:
+    """A complete store (top-2 and, by default, a quantised tail) whose values name their
+    (view, row); returns its inputs (V, N, ...): full logits, boxes and flips."""
+    rows, num_classes = manifest["splits"]["train"]["rows"], manifest["num_classes"]
+    labels = np.asarray(labels, dtype=np.int64)
+    boxes, flips = draw_views(BOX_SEED, views, np.arange(rows), IMAGE_SIZE, IMAGE_SIZE,
+                              spec=BOX_SPEC)
+    arrays = dict(logits=row_coded_logits(labels, views, num_classes), boxes=boxes, flips=flips)
     group = create_store(str(path), rows=rows, views=views, topk=2, num_classes=num_classes,
-                         shard_rows=SHARD_SIZE,
+                         shard_rows=SHARD_SIZE, tail=tail,
                          attributes=store_attributes(manifest, **attribute_changes))
     for index in range(len(manifest["splits"]["train"]["shards"])):
         start, stop = shard_bounds(rows, SHARD_SIZE, index)
@@ -82,6 +108,41 @@ def write_row_coded_store(path, manifest, labels, *, views=VIEWS, **attribute_ch
     uniform = np.full((num_classes, num_classes), 1.0 / num_classes, np.float32)
     finalize_store(group, {1.0: uniform})
     return arrays
+
+
+def assert_teacher_fields_of(data, positions, rows, views, store, arrays):
+    """The teacher fields of batch entries `positions` are the stored ones of (view, row): as
+    stored (bit for bit against the store's reader), naming the row, and decoding to the row's
+    logits within half a tail step."""
+    assert data["topk_log_probs"].dtype == torch.float16
+    assert data["topk_classes"].dtype == torch.int64
+    assert data["logsumexp"].dtype == torch.float32
+    if store.tail == "quantized":
+        assert data["tail_codes"].dtype == torch.uint8
+        assert data["tail_floor"].dtype == torch.float16
+    else:
+        assert "tail_codes" not in data and "tail_floor" not in data
+    fields = [name for name in LOGIT_FIELDS if name in data]
+    for position, row, view in zip(positions, rows, views):
+        stored = store.read_rows(view, row, row + 1)
+        for name in fields:
+            assert np.array_equal(data[name][position].numpy(),
+                                  stored[name][0].astype(data[name].numpy().dtype)), (
+                name, row, view)
+        assert data["topk_log_probs"][position, 0].item() == -(1 + (4 * row + view) / 1024)
+        assert data["topk_log_probs"][position, 1].item() == -(1.5 + (4 * row + view) / 1024)
+        assert data["logsumexp"][position].item() == row + 1000 * view
+    decoded = teacher_logits_from_fields({name: data[name][positions] for name in fields},
+                                         store.num_classes).numpy()  # (n, C)
+    expected = arrays["logits"][views, rows]  # (n, C)
+    if store.tail == "quantized":  # every class within half a step (+ float32 rounding)
+        top = data["topk_log_probs"][positions, -1].float().numpy()
+        step = (top - data["tail_floor"][positions].float().numpy()) / 255
+        assert (np.abs(decoded - expected) <= step[:, None] / 2 + 1e-3).all()
+    else:  # the top-2 exact, the rest filled evenly
+        top = np.take_along_axis(expected, data["topk_classes"][positions].numpy(), -1)
+        decoded_top = np.take_along_axis(decoded, data["topk_classes"][positions].numpy(), -1)
+        np.testing.assert_allclose(decoded_top, top, rtol=0, atol=1e-3)
 
 
 def collect(loader) -> dict[str, torch.Tensor]:
@@ -130,14 +191,11 @@ def test_pairing_survives_shuffling_across_shards_and_two_workers(shards, row_co
         assert sorted(rows) == list(range(86)), f"epoch {epoch}: every row exactly once"
         orders.append(rows)
         assert epoch_data["labels"].tolist() == labels[rows].tolist()
-        # The logits, classes and logsumexp are the stored ones of this row and view.
-        # Raw logits again (the store keeps float16 log-probabilities; these are integers).
-        expected_first = torch.tensor([4 * row + view for row in rows], dtype=torch.float32)
-        assert epoch_data["topk_logits"].dtype == torch.float32
-        assert torch.equal(epoch_data["topk_logits"][:, 0], expected_first)
+        # The teacher fields (top-k log-probabilities, classes, logsumexp, tail) are the
+        # stored ones of this row and view.
         assert torch.equal(epoch_data["topk_classes"][:, 0], epoch_data["labels"])
-        assert torch.equal(epoch_data["logsumexp"],
-                           torch.tensor([row + 1000.0 * view for row in rows]))
+        assert_teacher_fields_of(epoch_data, list(range(len(rows))), rows, [view] * len(rows),
+                                 store, arrays)
         # The pixels are the decoded image under the stored box and flip of view e mod V.
         for image, row in zip(epoch_data["images"], rows):
             expected = apply_view(images[row], arrays["boxes"][view, row],
@@ -167,10 +225,11 @@ def test_views_per_decode_yields_m_distinct_stored_views(shards, row_coded_store
     assert data["labels"].tolist() == labels[rows].tolist()
     # Decode once, use m times: a row's m views follow each other, in view order.
     assert rows[0::2] == rows[1::2]
+    assert_teacher_fields_of(data, list(range(len(rows))), rows,
+                             [[2, 0][position % 2] for position in range(len(rows))], store,
+                             arrays)
     for position, (image, row) in enumerate(zip(data["images"], rows)):
         view = [2, 0][position % 2]
-        assert data["topk_logits"][position, 0].item() == 4 * row + view
-        assert data["logsumexp"][position].item() == row + 1000 * view
         expected = apply_view(images[row], arrays["boxes"][view, row],
                               bool(arrays["flips"][view, row]), IMAGE_SIZE)
         assert torch.equal(image, expected), f"row {row}, view {view}"
@@ -196,6 +255,23 @@ def test_without_a_store_views_are_drawn_from_the_seed(shards):
     for image, row in zip(data["images"], rows):
         assert torch.equal(image, apply_view(images[row], boxes[0, row], bool(flips[0, row]),
                                              IMAGE_SIZE))
+
+
+def test_a_top_k_only_store_streams_without_tail_fields(shards, tmp_path):
+    shards_dir, manifest, labels, _ = shards
+    path = tmp_path / "top2.zarr"
+    arrays = write_row_coded_store(path, manifest, labels, tail="none")
+    store = open_store(str(path), fingerprint=manifest["fingerprint"], seed=SEED)
+    assert store.tail == "none" and not store.exact_logits
+    view = 1
+    data = collect(train_loader(split_shards(shards_dir, manifest, "train"),
+                                ViewSource(SEED, view, 1, BOX_SPEC, store), batch_size=16,
+                                image_size=IMAGE_SIZE, workers=0))
+    rows = data["rows"].tolist()
+    assert sorted(rows) == list(range(86))
+    assert set(data) == {"images", "labels", "rows", "topk_log_probs", "topk_classes",
+                         "logsumexp"}
+    assert_teacher_fields_of(data, list(range(86)), rows, [view] * 86, store, arrays)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

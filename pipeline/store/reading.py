@@ -148,15 +148,17 @@ class LogitStore:
             if math.isclose(stored, float(temperature), rel_tol=1e-9):
                 name = prior_name(stored)
                 try:
-                    prior = self.group[PRIOR_GROUP][name][:]
+                    array = self.group[PRIOR_GROUP][name]
                 except KeyError as error:
-                    raise StoreCorruptError(f"logit store {self.path}: the class prior {name} "
-                                            "is listed but missing; rerun dump_logits") from error
+                    raise StoreCorruptError(f"logit store {self.path}: array "
+                                            f"'{PRIOR_GROUP}/{name}' is listed but missing; "
+                                            "rerun dump_logits") from error
+                prior = self._read(array, f"{PRIOR_GROUP}/{name}", slice(None))
                 recorded = self.attributes.get("class_prior_checksums", {}).get(name)
                 if chunk_checksum(prior) != recorded:
                     raise StoreCorruptError(
-                        f"logit store {self.path}: the class prior {name} is damaged (checksum "
-                        "mismatch); delete the store and rerun dump_logits")
+                        f"logit store {self.path}: array '{PRIOR_GROUP}/{name}' is missing or "
+                        "damaged (checksum mismatch); delete the store and rerun dump_logits")
                 return prior
         raise ClassPriorNotFoundError(
             f"logit store {self.path} has no class prior at temperature {temperature}; stored "
@@ -196,5 +198,5 @@ class LogitStore:
             where = f", shard {shard_index} (rows {start}..{stop - 1}"
             where += f", view {view})" if view is not None else ")"
         return StoreCorruptError(
-            f"logit store {self.path}: array {name!r}{where} is missing or damaged{detail}; "
-            "delete the store and rerun dump_logits")
+            f"logit store {self.path}: array {name!r}{where} is missing or damaged (or its "
+            f"recorded checksum is){detail}; delete the store and rerun dump_logits")
