@@ -14,7 +14,8 @@ from pipeline.losses import DistillationObjective, distillation_objective
 from pipeline.models import build_model
 from pipeline.params import AugmentParams, Params, StudentParams, TrainParams, to_dict
 from pipeline.shards import file_sha256, load_manifest
-from pipeline.store import LOGIT_FIELDS, LogitStore, open_store, teacher_logits_from_fields
+from pipeline.store import (LOGIT_FIELDS, LogitStore, TailBasis, open_store,
+                            teacher_logits_from_fields)
 from pipeline.distributed import distributed
 from pipeline.stream import ViewSource, epoch_steps, eval_loader, split_shards, train_loader
 from pipeline.train import TrainRun, fit, load_checkpoint
@@ -76,7 +77,8 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
         check_store_serves(store, settings)
         prior = (store.class_prior(settings.ikl.weight_temperature)
                  if objective.needs_class_prior else None)
-        targets = CachedTeacher(manifest["num_classes"], prior, distributed().device)
+        targets = CachedTeacher(manifest["num_classes"], prior, distributed().device,
+                                store.tail_basis)
         teacher_identity = {key: store.attributes[key] for key in STORE_IDENTITY}
     run = _run(params, settings, manifest, shards_dir, objective, store=store,
                teacher_targets=targets, teacher_identity=teacher_identity,
@@ -118,15 +120,18 @@ class CachedTeacher:
     training device (`teacher_logits_from_fields`), and GI class weights (the prior's row for
     each label) when a prior is given."""
 
-    def __init__(self, num_classes: int, class_prior, device: torch.device):
+    def __init__(self, num_classes: int, class_prior, device: torch.device,
+                 tail_basis: TailBasis | None = None):
         self.num_classes = num_classes
         self.prior = None if class_prior is None else torch.as_tensor(class_prior).to(device)
         self.device = device
+        self.tail_basis = None if tail_basis is None else tail_basis.to(device)
 
     def __call__(self, batch: dict, images: torch.Tensor) -> tuple:
         to_device = lambda key: batch[key].to(self.device, non_blocking=True)  # noqa: E731
         fields = {name: to_device(name) for name in LOGIT_FIELDS if name in batch}
-        teacher_logits = teacher_logits_from_fields(fields, self.num_classes)  # (B, C)
+        teacher_logits = teacher_logits_from_fields(fields, self.num_classes,
+                                                    self.tail_basis)  # (B, C)
         weights = None if self.prior is None else self.prior[to_device("labels")]  # (B, C)
         return teacher_logits, weights
 

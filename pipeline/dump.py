@@ -23,10 +23,12 @@ from pipeline.errors import UserError
 from pipeline.losses import ClassPriorAccumulator
 from pipeline.params import Params
 from pipeline.shards import file_sha256, load_manifest
-from pipeline.store import (check_image_sides, completed_shards, create_prior_partials,
-                            create_store, drop_prior_partials, finalize_store, identity,
-                            open_existing, reduce_prior_partials, store_identity,
-                            write_prior_partials, write_shard)
+from pipeline.store import (TAIL_FIT_ROWS, TailBasis, check_image_sides, completed_shards,
+                            create_prior_partials, create_store, drop_prior_partials,
+                            finalize_store, fit_tail_basis, has_tail, identity, open_existing,
+                            reduce_prior_partials, store_identity, write_prior_partials,
+                            write_shard, write_tail_basis)
+from pipeline.store.tail import tail_components
 from pipeline.stream import Shard, decode, read_shard, split_shards
 
 
@@ -78,6 +80,9 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
     if ranks.is_main:
         group = create_store(target, **shape, attributes=attributes)
         create_prior_partials(group, settings.prior_temperatures)
+        if has_tail(dict(group.attrs)) and "tail_mean" not in group:
+            write_tail_basis(group, _fit_tail_basis(shards, teacher, params, spec, num_classes,
+                                                    ranks.device))
     ranks.barrier()  # the other ranks open the store rank 0 has created or kept
     if not ranks.is_main:
         group = create_store(target, **shape, attributes=attributes)
@@ -131,6 +136,27 @@ def _swap_in(replacement: str, store_path: str) -> None:
 def _remove(store_path: str) -> None:
     fs, path = fsspec.core.url_to_fs(store_path)
     fs.rm(path, recursive=True)
+
+
+def _fit_tail_basis(shards: list[Shard], teacher, params: Params, spec: CropSpec,
+                    num_classes: int, device) -> TailBasis:
+    """The quantised tail's PCA basis, fitted on the teacher's log-probabilities of view 0 of
+    the first TAIL_FIT_ROWS train rows (prepare shuffles rows, so they mix classes): the same
+    rows, crops and teacher on every run, so the basis, and the store, are reproducible."""
+    images, rows = [], []
+    for shard in shards:
+        for sample in read_shard(shard):
+            images.append(decode(sample))
+            rows.append(sample["meta"]["row"])
+        if len(rows) >= TAIL_FIT_ROWS:
+            break
+    images, rows = images[:TAIL_FIT_ROWS], rows[:TAIL_FIT_ROWS]
+    boxes, flips = draw_views(params.seed, 1, np.array(rows),
+                              [image.shape[1] for image in images],
+                              [image.shape[2] for image in images], spec=spec)  # view 0
+    logits = _teacher_logits(teacher, images, boxes[0], flips[0], params.logits, device)
+    log_probs = torch.log_softmax(logits.double(), dim=1).numpy()  # (m, C)
+    return fit_tail_basis(log_probs, tail_components(num_classes))
 
 
 def finish_store(group) -> None:

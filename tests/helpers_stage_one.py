@@ -39,8 +39,9 @@ def toy_raw_params(root: str | Path) -> dict:
         # flip_probability 0.5: flips are half of what the store has to replay
         "augment": dict(crop_scale=[0.25, 1.0], crop_ratio=[0.75, 1.3333333],
                         flip_probability=0.5),
-        # k < C, a teacher input larger than its training size, batches that split a shard
-        "logits": dict(views=3, topk=2, image_size=20, batch_size=5,
+        # k < C with every other class's logit in the quantised tail (what IKL needs), the
+        # teacher's own training size (the dump refuses another), batches that split a shard
+        "logits": dict(views=3, topk=2, tail="quantized", image_size=16, batch_size=5,
                        prior_temperatures=[1.0, 4.0]),
         "student": dict(copy.deepcopy(train), teacher="teacher", loss="ikl", epochs=1),
         "evaluate": dict(batch_size=16),

@@ -1,7 +1,9 @@
-"""torchrun on CPU (gloo, 2 processes): the dump, the row split and resuming after a kill."""
+"""torchrun on CPU (gloo, 2 processes): the dump (with its quantised tail), the row split and
+resuming after a kill."""
 
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import zarr
 from helpers_stage_one import (TRAIN_ROWS, stage_one_data, teacher_checkpoint,  # noqa: F401
                                write_params_file)
 from pipeline.dump import dump_logits
+from pipeline.store import open_store
 from pipeline.stream import ViewSource, rank_segments, split_shards, train_loader
 from pipeline.train import load_checkpoint
 
@@ -34,22 +37,78 @@ def read_store(path):
     return arrays, dict(group.attrs)
 
 
-def test_two_rank_dump_equals_the_single_process_dump(stage_one_data, teacher_checkpoint,
-                                                      tmp_path):
-    data = stage_one_data
-    single = tmp_path / "single.zarr"
-    dump_logits(data.params, "teacher", str(data.shards_dir), str(teacher_checkpoint),
-                str(single))
-    params_file = write_params_file(tmp_path / "params.yaml", data.raw)
-    two = tmp_path / "two.zarr"
-    torchrun("stages/dump_logits.py", "--params", params_file, "--name", "teacher",
-             "--shards", data.shards_dir, "--checkpoint", teacher_checkpoint, "--out", two)
-    (expected, expected_attrs), (found, found_attrs) = read_store(single), read_store(two)
+def assert_same_store(found_path, expected_path):
+    """Every raw zarr array (codes, tail, checksums, markers, priors) equal, bit for bit, and
+    the same attributes."""
+    (expected, expected_attrs), (found, found_attrs) = (read_store(expected_path),
+                                                        read_store(found_path))
     assert found_attrs == expected_attrs and found_attrs["complete"]
     assert set(found) == set(expected)
+    # the toy store keeps a quantised tail (k = 2 < C = 3): its arrays are compared too
+    names = open_store(str(found_path)).array_names
+    assert {"tail_codes", "tail_floor"} <= set(names) <= set(found)
     for name in expected:
-        assert expected[name].dtype == found[name].dtype
-        assert np.array_equal(expected[name], found[name], equal_nan=True), name
+        assert expected[name].dtype == found[name].dtype, name
+        assert expected[name].tobytes() == found[name].tobytes(), name
+
+
+@pytest.fixture(scope="module")
+def single_process_store(stage_one_data, teacher_checkpoint, tmp_path_factory):
+    path = tmp_path_factory.mktemp("single") / "single.zarr"
+    dump_logits(stage_one_data.params, "teacher", str(stage_one_data.shards_dir),
+                str(teacher_checkpoint), str(path))
+    return path
+
+
+def dump_args(data, checkpoint, params_file, out):
+    return ["stages/dump_logits.py", "--params", params_file, "--name", "teacher",
+            "--shards", data.shards_dir, "--checkpoint", checkpoint, "--out", out]
+
+
+def test_two_rank_dump_equals_the_single_process_dump(stage_one_data, teacher_checkpoint,
+                                                      single_process_store, tmp_path):
+    data = stage_one_data
+    params_file = write_params_file(tmp_path / "params.yaml", data.raw)
+    two = tmp_path / "two.zarr"
+    torchrun(*dump_args(data, teacher_checkpoint, params_file, two))
+    assert_same_store(two, single_process_store)
+
+
+# Run the dump stage, but kill the rank writing shard 2 halfway through writing it: part of
+# its tail codes land, then the process dies without cleanup (like SIGKILL).
+KILLED_MID_SHARD_2 = textwrap.dedent("""
+    import os, runpy, sys
+    import pipeline.dump
+
+    real_write_shard = pipeline.dump.write_shard
+
+    def write_shard(group, shard_index, **arrays):
+        if shard_index == 2:
+            group["tail_codes"][:, 16:24] = 7
+            os._exit(17)
+        real_write_shard(group, shard_index, **arrays)
+
+    pipeline.dump.write_shard = write_shard
+    script, sys.argv = sys.argv[1], sys.argv[1:]
+    runpy.run_path(script, run_name="__main__")
+""")
+
+
+def test_two_rank_dump_killed_midway_resumes_to_the_single_process_store(
+        stage_one_data, teacher_checkpoint, single_process_store, tmp_path):
+    data = stage_one_data
+    params_file = write_params_file(tmp_path / "params.yaml", data.raw)
+    crash = tmp_path / "killed_mid_shard_2.py"
+    crash.write_text(KILLED_MID_SHARD_2)
+    out = tmp_path / "killed.zarr"
+    killed = torchrun(crash, *dump_args(data, teacher_checkpoint, params_file, out), ok=False)
+    assert killed.returncode != 0
+    partial = open_store(str(out), require_complete=False)
+    assert not partial.complete and 2 not in partial.completed_shards()
+    assert 0 in partial.completed_shards()  # rank 0 wrote shard 0 before dying at shard 2
+    resumed = torchrun(*dump_args(data, teacher_checkpoint, params_file, out))
+    assert "complete" in resumed.stdout
+    assert_same_store(out, single_process_store)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

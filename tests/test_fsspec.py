@@ -6,7 +6,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from helpers_stage_one import TRAIN_ROWS, stage_one_data, teacher_checkpoint  # noqa: F401
+from helpers_stage_one import (TRAIN_ROWS, params_from, stage_one_data,  # noqa: F401
+                               teacher_checkpoint, with_changes)
 from pipeline.distill import train_student
 from pipeline.dump import dump_logits
 from pipeline.shards import load_manifest
@@ -39,10 +40,37 @@ def test_shards_and_store_by_url(stage_one_data, teacher_checkpoint, shards_url,
                 str(local))
     by_url, on_disk = open_store(store_url), open_store(str(local))
     assert by_url.attributes == on_disk.attributes
+    assert {"tail_codes", "tail_floor"} <= set(by_url.array_names)  # the quantised tail too
     for view in range(by_url.views):
-        for name, values in on_disk.read_rows(view, 0, TRAIN_ROWS).items():
+        read = on_disk.read_rows(view, 0, TRAIN_ROWS)
+        assert "tail_codes" in read
+        for name, values in read.items():
             assert np.array_equal(by_url.read_rows(view, 0, TRAIN_ROWS)[name], values), name
+        assert np.array_equal(by_url.teacher_logits(view, 0, TRAIN_ROWS),
+                              on_disk.teacher_logits(view, 0, TRAIN_ROWS))
 
     metrics = train_student(data.params, shards_url, store_url, str(teacher_checkpoint),
                             str(tmp_path / "student"), str(tmp_path / "live"))
     assert np.isfinite(metrics["train/loss"])
+
+
+def test_a_store_by_url_is_kept_or_replaced_beside_itself(stage_one_data, teacher_checkpoint,
+                                                          shards_url, capsys):
+    """The rerun logic through fsspec: a complete matching store is kept; other params build
+    `<url>.next` and move it over the old store once complete (fsspec's mv on the URL's
+    filesystem)."""
+    data = stage_one_data
+    memory = fsspec.filesystem("memory")
+    store_url = "memory://url_test/logits/teacher.zarr"
+    dump_logits(data.params, "teacher", shards_url, str(teacher_checkpoint), store_url)
+    files = {path: memory.cat_file(path) for path in memory.find("/url_test/logits")}
+    capsys.readouterr()
+    dump_logits(data.params, "teacher", shards_url, str(teacher_checkpoint), store_url)
+    assert "kept as it is" in capsys.readouterr().out
+    assert {path: memory.cat_file(path) for path in memory.find("/url_test/logits")} == files
+
+    params = params_from(with_changes(data.raw, "logits", topk=3))
+    dump_logits(params, "teacher", shards_url, str(teacher_checkpoint), store_url)
+    assert memory.ls("/url_test/logits", detail=False) == ["/url_test/logits/teacher.zarr"]
+    store = open_store(store_url)
+    assert store.complete and store.topk == 3 and store.exact_logits

@@ -2,7 +2,8 @@
 
 One module fixture runs stage one for real on 86 rows: prepare, a 1-epoch resnet8 teacher,
 dump_logits with k = C = 10 and the teacher's image size equal to the student's, so the cache is
-exact up to float16 storage and can be compared with the live teacher.
+exact up to float16 storage and can be compared with the live teacher; a second dump keeps the
+top-2 and the quantised tail, which must come back within half a quantisation step.
 """
 
 import json
@@ -26,8 +27,9 @@ from test_stream import IMAGE_SIZE, SEED, prepare_tiny_shards, write_row_coded_s
 NUM_CLASSES = 10
 
 
-def tiny_params(**student) -> Params:
-    """Params for the tiny run; `student` overrides keys of the student section."""
+def tiny_params(logits=None, **student) -> Params:
+    """Params for the tiny run; `student` overrides keys of the student section, `logits` of
+    the logits section."""
     train = {"arch": "resnet8", "image_size": IMAGE_SIZE, "epochs": 1, "batch_size": 32,
              "workers": 0}
     raw = {
@@ -35,7 +37,7 @@ def tiny_params(**student) -> Params:
         "teachers": {"teacher": train},
         "augment": {"crop_scale": [0.35, 1.0], "flip_probability": 0.5},
         "logits": {"views": 2, "topk": NUM_CLASSES, "image_size": IMAGE_SIZE, "batch_size": 64,
-                   "prior_temperatures": [1.0, 100.0]},
+                   "prior_temperatures": [1.0, 100.0], **(logits or {})},
         "student": {**train, "teacher": "teacher", **student},
         "evaluate": {"batch_size": 64},
     }
@@ -95,6 +97,58 @@ def test_cached_and_online_teacher_give_the_same_loss(stage_one):
         for term in from_cache:
             torch.testing.assert_close(from_cache[term], live[term], rtol=2e-3, atol=2e-4,
                                        msg=f"{loss} {term}")
+
+
+@pytest.fixture(scope="module")
+def top2_tail_store(stage_one, tmp_path_factory):
+    """A dump of the stage-one teacher keeping the top-2 and the quantised tail."""
+    shards_dir, _, checkpoint, _ = stage_one
+    path = str(tmp_path_factory.mktemp("top2") / "top2_tail.zarr")
+    dump_logits(tiny_params(logits={"topk": 2, "tail": "quantized"}), "teacher", shards_dir,
+                checkpoint, path)
+    return path
+
+
+def test_cached_quantized_tail_matches_the_online_teacher(stage_one, top2_tail_store):
+    shards_dir, manifest, checkpoint, _ = stage_one
+    params = tiny_params(logits={"topk": 2, "tail": "quantized"})
+    store = open_store(top2_tail_store, fingerprint=manifest["fingerprint"], seed=SEED,
+                       teacher_sha256=file_sha256(checkpoint))
+    assert (store.topk, store.tail, store.exact_logits) == (2, "quantized", True)
+    batch = first_batch(shards_dir, manifest, params, store)
+    assert batch["topk_log_probs"].shape == (32, 2)
+    assert batch["tail_codes"].shape == (32, NUM_CLASSES)
+    assert batch["tail_codes"].dtype == torch.uint8
+    assert batch["tail_floor"].dtype == torch.float16
+    images = normalize(batch["images"])
+    cached, _ = CachedTeacher(NUM_CLASSES, None, torch.device("cpu"))(batch, images)
+    teacher, _ = load_model(checkpoint)
+    online, _ = OnlineTeacher(teacher)(batch, images)
+    # Every class within half a step (smallest top-k log-probability - floor) / 255, plus the
+    # float16 / 16-bit rounding of the exact top-k and the float32 batch-size noise.
+    step = (batch["topk_log_probs"][:, -1].float() - batch["tail_floor"].float()) / 255
+    assert (step > 0).all()
+    error = (cached - online).abs()
+    assert (error <= step[:, None] / 2 + 2e-3).all(), (error - step[:, None] / 2).max()
+    top = batch["topk_classes"]
+    torch.testing.assert_close(cached.gather(1, top), online.gather(1, top), rtol=2**-10,
+                               atol=2e-3)
+    # The losses and their gradients follow (a barely trained teacher: a small step).
+    student_logits = 3 * torch.randn(32, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
+    for loss in ("kl", "ikl"):
+        objective = student_objective(tiny_params(loss=loss).student)
+        gradients = []
+        for targets in (cached, online):
+            logits = student_logits.clone().requires_grad_()
+            terms = objective(logits, batch["labels"], targets, None)
+            objective.kd_loss(logits, targets).backward()  # the KD term's own gradient
+            gradients.append((terms, logits.grad))
+        (from_cache, cache_grad), (live, live_grad) = gradients
+        for term in from_cache:
+            torch.testing.assert_close(from_cache[term], live[term], rtol=1e-2, atol=1e-4,
+                                       msg=f"{loss} {term}")
+        relative = (cache_grad - live_grad).norm() / live_grad.norm()
+        assert relative < 2e-3, f"{loss}: gradient {relative:.5f} off"
 
 
 def test_cached_teacher_gives_the_stored_prior_row_of_each_label(stage_one):

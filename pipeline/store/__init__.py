@@ -7,8 +7,9 @@ Layout, with V views, N train rows, top-k, C classes and WebDataset shards of S 
                                       float16 gap-coded
     topk_classes  (V, N, k) uint8/16/32  their class ids
     logsumexp     (V, N)    float32   over all C logits: the store is temperature-free
-    tail_codes    (V, N, C) uint8     `tail: quantized` only: every class's log-probability
-    tail_floor    (V, N)    float16   `tail: quantized` only: the codes' floor
+    tail_coefficients (V, N, r) int8  `tail: quantized` only: every class's log-probability as
+    tail_residuals (V, N, C) uint16    a PCA approximation + a residual in 0.06-logit steps
+    tail_mean, tail_basis, tail_scales (C,), (C, r), (r,) float32: the store's PCA basis
     boxes         (V, N, 4) uint16    crop box (top, left, height, width) / box_scale
     flips         (V, N)    bool      horizontal flip of the view
     labels        (N,)      uint      the row's label, so the student can check the pairing
@@ -29,7 +30,7 @@ Attributes: format version, teacher name, arch and checkpoint sha256, dataset fi
 augmentation spec and seed, V, k, C, the tail encoding, and `complete`, set last. They are
 validated against a schema and the arrays' shapes on open.
 
-Modules: `encoding` (values <-> stored integers, codecs), `writing` (create, write a shard,
+Modules: `encoding` (values <-> stored integers, codecs), `tail` (the quantised tail), `writing` (create, write a shard,
 finalize), `reading` (open, read rows, teacher logits), `verification` (check every chunk),
 `layout` (names, attribute schema, checksums, errors).
 """
@@ -41,8 +42,9 @@ from pipeline.store.layout import (
     CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, ClassPriorNotFoundError, StoreCorruptError,
     StoreMismatchError, has_tail, prior_name, view_arrays)
 from pipeline.store.reading import LOGIT_FIELDS, LogitStore, open_store
+from pipeline.store.tail import TAIL_FIT_ROWS, TailBasis, fit_tail_basis
 from pipeline.store.verification import verify_store
 from pipeline.store.writing import (
     PARTIALS_GROUP, REQUIRED_ATTRIBUTES, completed_shards, create_prior_partials, create_store,
     drop_prior_partials, finalize_store, identity, open_existing, reduce_prior_partials,
-    shard_bounds, store_identity, write_prior_partials, write_shard)
+    shard_bounds, store_identity, write_prior_partials, write_shard, write_tail_basis)

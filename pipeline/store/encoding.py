@@ -12,28 +12,14 @@ Per view of a row, with k = top-k and C classes (shapes per row; arrays add (vie
     topk_classes   (k,) uint8/16/32  their class ids (smallest unsigned type holding C - 1)
     logsumexp      ()   float32  over all C logits, mantissa rounded to LOGSUMEXP_KEEPBITS bits
                                  (the dropped bits are zeros, which the compressor removes)
-    tail_codes     (C,) uint8    `tail: quantized` only: every class's log-probability in class
-                                 order, quantised between the view's floor and its smallest
-                                 top-k log-probability (the top-k classes clip to 255 and are
-                                 replaced by their exact values on decoding)
-    tail_floor     ()   float16  `tail: quantized` only: a float16 at or below the smallest
-                                 log-probability of the view
+    tail_coefficients (r,) int8  `tail: quantized` only: every class's log-probability as a
+    tail_residuals (C,) uint16       PCA approximation plus a residual rounded to 0.06 logit
+                                     (pipeline/store/tail.py; the basis is stored once)
     boxes          (4,) uint16   crop (top, left, height, width) normalised to the image, in fixed
                                  point q / Q with Q = `box_scale(max_image_side)`
     flips          ()   bool
 
-Why the quantised tail (DESIGN.md, "Logit store contract"): IKL's weighted MSE needs every
-class's teacher logit, weighted about equally at T2 = 100, so filling the classes outside the
-top-k evenly puts its gradient 20-60 % off. To first order the wMSE gradient's relative error is
-rms(e - mean e) / rms(d - mean d) (e: per-class error of the teacher logits, d = t - s), so the
-tail must come back within ~0.02-0.03 logit rms. One byte per class with a per-view range does
-that: the step is (smallest top-k log-probability - floor) / 255, typically 0.03-0.08 logit
-for a trained teacher, and the error is uniform within half a step (rms step / sqrt(12)).
-Measured in BENCHMARKS.md ("top-k fidelity"): bytes per view and the IKL / KL-KD loss and
-gradient errors on realistic teachers. The alternative the issue names, a PCA basis plus int8
-coefficients plus a fixed-step residual, saves ~10 % of the bytes at the cost of a dump-time
-pass to fit the basis and a second decoding path; not worth it while one byte per class meets
-the size goals.
+Why a quantised tail, and how: pipeline/store/tail.py.
 
 Why top-k log-probabilities and not raw logits: float16 is precise near log p = 0, where a
 confident teacher's top class sits, so the residual mass 1 - sum(top-k probs) survives; stored
@@ -52,6 +38,7 @@ import torch
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from pipeline.errors import UserError
+from pipeline.store.tail import TailBasis, encode_tail, tail_log_probs, unzigzag
 
 FORMAT_VERSION = 3  # 3: spec-only codecs, gap-coded top-k, optional quantised tail, checksums
 TAILS = ("none", "quantized")
@@ -61,7 +48,6 @@ TAILS = ("none", "quantized")
 DEFAULT_MAX_IMAGE_SIDE = 16_000
 MAX_SUPPORTED_IMAGE_SIDE = 32_704  # exact_box_side(2**15): q = 2**15 (a box value of 1) in uint16
 LOGSUMEXP_KEEPBITS = 16  # float32 mantissa bits kept: relative error <= 2**-17
-TAIL_LEVELS = 255  # tail codes 0..255: 255 steps between the floor and the smallest top-k value
 
 # Floor on the residual probability mass outside the top-k when the tail is filled evenly
 # (`tail: none`): 1 - sum(top-k probs) from float16 values can come out <= 0 for a confident
@@ -80,13 +66,14 @@ def class_id_dtype(num_classes: int) -> np.dtype:
 # ---------------------------------------------------------------------------------------------
 # Logits
 
-def encode_logits(logits: np.ndarray, topk: int, tail: str) -> dict[str, np.ndarray]:
+def encode_logits(logits: np.ndarray, topk: int,
+                  tail_basis: TailBasis | None = None) -> dict[str, np.ndarray]:
     """The stored fields of views' full teacher logits.
 
     logits: (..., C) float (float32 from the teacher; computed in float64 here). Returns
     topk_codes (..., k) uint16, topk_classes (..., k) class ids, logsumexp (...,) float32 and,
-    when tail == "quantized" and k < C, tail_codes (..., C) uint8 and tail_floor (...,) float16.
-    Raises UserError naming the first non-finite entry (the caller adds the row).
+    with a `tail_basis` (a quantised tail), tail_coefficients (..., r) int8 and tail_residuals
+    (..., C) uint16. Raises UserError on a non-finite logit.
     """
     logits = np.asarray(logits, dtype=np.float64)
     num_classes = logits.shape[-1]
@@ -101,8 +88,10 @@ def encode_logits(logits: np.ndarray, topk: int, tail: str) -> dict[str, np.ndar
     fields = {"topk_codes": gap_encode(topk_log_probs),
               "topk_classes": classes.astype(class_id_dtype(num_classes)),
               "logsumexp": round_mantissa(logsumexp.astype(np.float32), LOGSUMEXP_KEEPBITS)}
-    if tail == "quantized" and topk < num_classes:
-        fields.update(_encode_tail(log_probs, topk_log_probs[..., -1]))
+    if tail_basis is not None:
+        batch_shape = log_probs.shape[:-1]
+        encoded = encode_tail(log_probs.reshape(-1, num_classes), tail_basis)
+        fields.update({name: value.reshape(*batch_shape, -1) for name, value in encoded.items()})
     return fields
 
 
@@ -139,44 +128,51 @@ def round_mantissa(values: np.ndarray, keepbits: int) -> np.ndarray:
     return ((bits + half) & mask).view(np.float32)
 
 
-def _encode_tail(log_probs: np.ndarray, topk_smallest: np.ndarray) -> dict[str, np.ndarray]:
-    """Every class's log-probability as a byte between the view's floor and its smallest top-k
-    log-probability (see the module docstring); decoded by `tail_log_probs`."""
-    floor = log_probs.min(axis=-1).astype(np.float16)  # (...,)
-    too_high = floor.astype(np.float64) > log_probs.min(axis=-1)
-    floor[too_high] = np.nextafter(floor[too_high], np.float16(-np.inf))  # at or below the min
-    floor = np.maximum(floor, np.finfo(np.float16).min)
-    step = tail_step(topk_smallest.astype(np.float32), floor.astype(np.float32))  # (...,)
-    scaled = (log_probs - floor[..., None]) / np.where(step > 0, step, 1.0)[..., None]
-    codes = np.clip(np.rint(scaled), 0, TAIL_LEVELS).astype(np.uint8)
-    return {"tail_codes": codes, "tail_floor": floor}
+def decode_logits(stored: Mapping[str, np.ndarray], num_classes: int,
+                  tail_basis: TailBasis | None = None) -> np.ndarray:
+    """(..., C) float32 teacher logits from `encode_logits`'s fields (as stored): the inverse
+    of the encoding up to its rounding, through `teacher_logits_from_fields`."""
+    fields = decode_fields(stored)
+    batch_shape = fields["logsumexp"].shape
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(value).reshape(
+        -1, *value.shape[len(batch_shape):])) for name, value in fields.items()}
+    logits = teacher_logits_from_fields(tensors, num_classes, tail_basis)  # (n, C)
+    return logits.numpy().reshape(*batch_shape, num_classes)
 
 
-def tail_step(topk_smallest, floor):
-    """The tail's quantisation step, float32, the same bits in numpy (encoding) and torch
-    (decoding): (smallest top-k log-probability - floor) / 255."""
-    return (topk_smallest - floor) / TAIL_LEVELS
+def decode_fields(stored: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stored integers -> the fields `teacher_logits_from_fields` takes (LOGIT_FIELDS): gap
+    codes -> float16 log-probabilities, zigzag residuals -> int16 steps; the rest as stored."""
+    fields = {"topk_log_probs": gap_decode(stored["topk_codes"])}
+    fields.update({name: stored[name] for name in ("topk_classes", "logsumexp",
+                                                    "tail_coefficients") if name in stored})
+    if "tail_residuals" in stored:
+        fields["tail_residuals"] = unzigzag(stored["tail_residuals"])
+    return fields
 
 
-def teacher_logits_from_fields(fields: Mapping[str, torch.Tensor],
-                               num_classes: int) -> torch.Tensor:
-    """(n, C) float32 teacher logits from stored fields (on their device).
+def teacher_logits_from_fields(fields: Mapping[str, torch.Tensor], num_classes: int,
+                               tail_basis: TailBasis | None = None) -> torch.Tensor:
+    """(n, C) float32 teacher logits from a batch's fields (on their device; `tail_basis` on
+    the same device).
 
     fields: topk_log_probs (n, k) float16/32, descending; topk_classes (n, k) integer;
-    logsumexp (n,) float32; and for a quantised tail tail_codes (n, C) uint8 and tail_floor (n,).
-    With the tail: floor + code * step, the top-k replaced by their exact values (error <= step/2
-    on the rest). Without: the top-k exact and the other classes sharing the residual mass
-    evenly, logit = lse + log(residual / (C - k)) with residual = 1 - sum(top-k probs) clamped to
+    logsumexp (n,) float32; for a quantised tail tail_coefficients (n, r) int8 and
+    tail_residuals (n, C) int16 (steps). With the tail: every class within TAIL_STEP / 2 of its
+    log-probability (`pipeline.store.tail`), the top-k replaced by their exact values. Without:
+    the top-k exact and the other classes sharing the residual mass evenly,
+    logit = lse + log(residual / (C - k)) with residual = 1 - sum(top-k probs) clamped to
     [MIN_RESIDUAL_MASS, (C - k) * smallest top-k prob]. With k = C: exact to float16.
     """
     top = fields["topk_log_probs"].float()  # (n, k)
     classes = fields["topk_classes"].long()  # scatter needs int64
     lse = fields["logsumexp"].float().unsqueeze(1)  # (n, 1)
     batch, topk = top.shape
-    if "tail_codes" in fields:
-        floor = fields["tail_floor"].float().unsqueeze(1)  # (n, 1)
-        step = tail_step(top[:, -1:], floor)  # (n, 1)
-        log_probs = fields["tail_codes"].float().mul_(step).add_(floor)  # (n, C)
+    if "tail_residuals" in fields:
+        if tail_basis is None:
+            raise ValueError("the fields hold a quantised tail: pass the store's tail_basis")
+        log_probs = tail_log_probs(fields["tail_coefficients"], fields["tail_residuals"],
+                                   tail_basis)  # (n, C)
     elif topk < num_classes:
         residual = 1.0 - top.exp().sum(dim=1, keepdim=True)  # (n, 1)
         tail_count = num_classes - topk
@@ -259,8 +255,9 @@ def array_codecs(name: str, dtype: np.dtype, *, row_items: int = 1) -> dict[str,
         return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle,
                           typesize=typesize if typesize <= 255 else dtype.itemsize)
 
-    if name == "tail_codes":  # bytes near the view's median level: zstd's entropy coder
-        return {"compressors": [ZstdCodec(level=9), Crc32cCodec()]}
+    if name == "tail_residuals":  # zigzag uint16: byte planes; the high one is nearly all 0
+        return {"compressors": [BloscCodec(cname="zstd", clevel=7, shuffle=BloscShuffle.shuffle,
+                                           typesize=2), Crc32cCodec()]}
     if dtype.itemsize == 1 and dtype.kind != "b":  # uint8 ids, labels: nothing to shuffle
         return {"compressors": [ZstdCodec(level=5), Crc32cCodec()]}
     # gap codes and ids (high bits zero), logsumexp (low bits zero), boxes, flips (one bit of

@@ -15,6 +15,7 @@ MARKERS = "shard_complete"  # (num_shards,) bool, one object per shard, set afte
 CHECKSUMS = "checksums"  # (num_shards, V, A) uint32: crc32 of each view chunk of each array
 LABEL_CHECKSUMS = "label_checksums"  # (num_shards,) uint32
 PRIOR_GROUP = "class_prior"
+TAIL_BASIS_ARRAYS = ("tail_mean", "tail_basis", "tail_scales")  # per store, quantised tail only
 MAX_VIEWS = 2**20  # views drawn fresh for teachers start above the cached ones (stream.py)
 
 
@@ -40,7 +41,7 @@ def has_tail(attrs: dict) -> bool:
 
 def view_arrays(attrs: dict) -> tuple[str, ...]:
     """Names of the (view, row, ...) arrays of a store with these attributes, in checksum order."""
-    tail = ("tail_codes", "tail_floor") if has_tail(attrs) else ()
+    tail = ("tail_coefficients", "tail_residuals") if has_tail(attrs) else ()
     return ("topk_codes", "topk_classes", "logsumexp", *tail, "boxes", "flips")
 
 
@@ -73,6 +74,8 @@ _SCHEMA: list[tuple[str, str, Any]] = [
     ("num_shards", "ceil(rows / shard_rows)",
      lambda v, a: v == math.ceil(a["rows"] / a["shard_rows"])),
     ("tail", "'none' or 'quantized'", lambda v, a: v in ("none", "quantized")),
+    ("tail_components", "an integer in [0, num_classes]",
+     lambda v, a: _is_int(v) and 0 <= v <= a["num_classes"] and (v > 0) == has_tail(a)),
     ("class_names", "a list of num_classes names",
      lambda v, a: isinstance(v, list) and len(v) == a["num_classes"]),
     ("seed", "an integer >= 0", lambda v, a: _is_int(v) and v >= 0),
@@ -96,6 +99,10 @@ def validate_attributes(path: str, attrs: dict, group) -> None:
     from pipeline.store.writing import row_array_specs  # the writer's shapes are the truth
 
     expected = {name: shape for name, (shape, _) in row_array_specs(attrs).items()}
+    if has_tail(attrs) and (attrs.get("complete") or "tail_mean" in group):
+        expected.update({"tail_mean": (attrs["num_classes"],),
+                         "tail_basis": (attrs["num_classes"], attrs["tail_components"]),
+                         "tail_scales": (attrs["tail_components"],)})
     expected.update({"labels": (attrs["rows"],), MARKERS: (attrs["num_shards"],),
                      CHECKSUMS: (attrs["num_shards"], attrs["views"], len(view_arrays(attrs))),
                      LABEL_CHECKSUMS: (attrs["num_shards"],)})

@@ -11,18 +11,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 import zarr
 
-from pipeline.store.encoding import (
-    FORMAT_VERSION, decode_boxes, gap_decode, teacher_logits_from_fields)
+from pipeline.store.encoding import FORMAT_VERSION, decode_boxes, decode_fields, decode_logits
+from pipeline.store.tail import TailBasis
 from pipeline.store.layout import (
     CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, ClassPriorNotFoundError, StoreCorruptError,
     StoreMismatchError, chunk_checksum, has_tail, prior_name, validate_attributes, view_arrays)
-from pipeline.store.writing import _json_normalise, _short, shard_bounds
+from pipeline.store.writing import _json_normalise, _short, read_tail_basis, shard_bounds
 
 # The fields of a view that make its teacher logits (what the student's batches carry).
-LOGIT_FIELDS = ("topk_log_probs", "topk_classes", "logsumexp", "tail_codes", "tail_floor")
+LOGIT_FIELDS = ("topk_log_probs", "topk_classes", "logsumexp", "tail_coefficients",
+                "tail_residuals")
 
 
 def open_store(path: str, *, fingerprint: str | None = None, seed: int | None = None,
@@ -76,6 +76,14 @@ class LogitStore:
         self._arrays = {name: group[name] for name in self.array_names}
         self._checksums: dict[int, np.ndarray] = {}
         self._labels: np.ndarray | None = None
+        self._tail_basis: TailBasis | None = None
+
+    @property
+    def tail_basis(self) -> TailBasis | None:
+        """The quantised tail's PCA basis (checked, read once), None without a tail."""
+        if self._tail_basis is None and has_tail(self.attributes):
+            self._tail_basis = read_tail_basis(self.group, self.path)
+        return self._tail_basis
 
     @property
     def exact_logits(self) -> bool:
@@ -113,21 +121,15 @@ class LogitStore:
         shard the range touches (one per array when the range is a WebDataset shard).
 
         Returns topk_log_probs (n, k) float16, descending; topk_classes (n, k) uint;
-        logsumexp (n,) float32; with a quantised tail tail_codes (n, C) uint8 and tail_floor (n,)
-        float16; boxes (n, 4) float32; flips (n,) bool. Raises StoreCorruptError on a missing or
-        damaged chunk, IndexError outside the store.
+        logsumexp (n,) float32; with a quantised tail tail_coefficients (n, r) int8 and
+        tail_residuals (n, C) int16 (steps of pipeline.store.tail.TAIL_STEP); boxes (n, 4)
+        float32; flips (n,) bool. Raises StoreCorruptError on a missing or damaged chunk,
+        IndexError outside the store.
         """
-        if not 0 <= view < self.views:
-            raise IndexError(f"view {view} out of range: the store has {self.views} views")
-        if not 0 <= start < stop <= self.rows:
-            raise IndexError(f"rows [{start}, {stop}) out of range: the store has {self.rows} rows")
-        parts = [self._read_shard_view(view, shard_index)
-                 for shard_index in range(start // self.shard_rows,
-                                          (stop - 1) // self.shard_rows + 1)]
-        first = (start // self.shard_rows) * self.shard_rows
-        rows = {name: np.concatenate([part[name] for part in parts])[start - first:stop - first]
-                for name in parts[0]}
-        rows["topk_log_probs"] = gap_decode(rows.pop("topk_codes"))
+        self._check_range(view, start, stop)
+        stored = self._read_stored(view, start, stop)
+        rows = {**stored, **decode_fields(stored)}
+        del rows["topk_codes"]
         rows["boxes"] = decode_boxes(rows["boxes"], self.attributes["encoding"]["box_scale"])
         return rows
 
@@ -135,11 +137,9 @@ class LogitStore:
         """(n, C) float32 teacher logits of rows [start, stop) in one view: exact to float16
         for k = C, within half a tail step with a quantised tail, the top-k with the rest
         filled evenly otherwise (`pipeline.store.encoding.teacher_logits_from_fields`)."""
-        rows = self.read_rows(view, start, stop)
-        fields = {name: torch.from_numpy(np.ascontiguousarray(rows[name]).astype(
-            np.int64 if name == "topk_classes" else rows[name].dtype))
-            for name in LOGIT_FIELDS if name in rows}
-        return teacher_logits_from_fields(fields, self.num_classes).numpy()
+        self._check_range(view, start, stop)
+        return decode_logits(self._read_stored(view, start, stop), self.num_classes,
+                             self.tail_basis)
 
     def class_prior(self, temperature: float) -> np.ndarray:
         """(C, C) float32 class prior at `temperature` (row c: mean prediction for label c),
@@ -164,6 +164,21 @@ class LogitStore:
             f"logit store {self.path} has no class prior at temperature {temperature}; stored "
             f"temperatures: {self.temperatures or 'none'}. Set the IKL GI temperature to one of "
             "them or add it to dump_logits' prior temperatures and rerun it.")
+
+    def _check_range(self, view: int, start: int, stop: int) -> None:
+        if not 0 <= view < self.views:
+            raise IndexError(f"view {view} out of range: the store has {self.views} views")
+        if not 0 <= start < stop <= self.rows:
+            raise IndexError(f"rows [{start}, {stop}) out of range: the store has {self.rows} rows")
+
+    def _read_stored(self, view: int, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of one view as stored (encoded), checksums verified."""
+        parts = [self._read_shard_view(view, shard_index)
+                 for shard_index in range(start // self.shard_rows,
+                                          (stop - 1) // self.shard_rows + 1)]
+        first = (start // self.shard_rows) * self.shard_rows
+        return {name: np.concatenate([part[name] for part in parts])[start - first:stop - first]
+                for name in parts[0]}
 
     def _read_shard_view(self, view: int, shard_index: int) -> dict[str, np.ndarray]:
         """Every array's chunk of one view of one shard, as stored, checksums verified."""

@@ -13,8 +13,8 @@ def verify_store(path: str, fingerprint: str | None = None, progress: bool = Fal
 
     Checks: the store opens and its attributes fit the schema and the arrays' shapes; it matches
     `fingerprint` if given; it is complete and every shard is marked complete; every chunk of
-    every array (all views of all shards, labels, class priors) reads back with its recorded
-    checksum; logsumexp and boxes are finite, boxes in [0, 1], class ids and labels below C.
+    every array (all views of all shards, labels, class priors, the tail basis) reads back with
+    its recorded checksum; logsumexp and boxes are finite, boxes in [0, 1], class ids and labels below C.
     """
     try:
         store = open_store(path, fingerprint=fingerprint, require_complete=False)
@@ -31,6 +31,10 @@ def verify_store(path: str, fingerprint: str | None = None, progress: bool = Fal
     except UserError as error:
         problems.append(str(error))
         labels = None
+    try:
+        store.tail_basis  # noqa: B018 (reads and checks the quantised tail's basis)
+    except UserError as error:
+        problems.append(str(error))
     for shard_index in tqdm(sorted(store.completed_shards()), desc="verify", unit="shard",
                             disable=not progress):
         problems += _verify_shard(store, shard_index, labels)

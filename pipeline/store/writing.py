@@ -20,11 +20,12 @@ import zarr.errors
 
 from pipeline.errors import UserError
 from pipeline.store.encoding import (
-    DEFAULT_MAX_IMAGE_SIDE, FORMAT_VERSION, LOGSUMEXP_KEEPBITS, TAIL_LEVELS, TAILS, array_codecs,
-    box_scale, class_id_dtype, encode_boxes, encode_logits)
+    DEFAULT_MAX_IMAGE_SIDE, FORMAT_VERSION, LOGSUMEXP_KEEPBITS, TAILS, array_codecs, box_scale,
+    class_id_dtype, encode_boxes, encode_logits)
+from pipeline.store.tail import TAIL_STEP, TailBasis, tail_components
 from pipeline.store.layout import (
-    CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, StoreMismatchError, chunk_checksum,
-    prior_name, view_arrays)
+    CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, TAIL_BASIS_ARRAYS, StoreCorruptError,
+    StoreMismatchError, chunk_checksum, has_tail, prior_name, view_arrays)
 
 # Attributes the caller of `create_store` must supply (the store adds the shape attributes).
 REQUIRED_ATTRIBUTES = (
@@ -33,9 +34,10 @@ REQUIRED_ATTRIBUTES = (
 )
 # Attributes the store itself owns.
 SHAPE_ATTRIBUTES = ("format_version", "rows", "views", "topk", "num_classes", "shard_rows",
-                    "num_shards", "tail", "encoding")
+                    "num_shards", "tail", "tail_components", "encoding")
 # Attributes that change while a store is written, so they are not part of its identity.
-STATE_ATTRIBUTES = ("complete", "class_prior_temperatures", "class_prior_checksums")
+STATE_ATTRIBUTES = ("complete", "class_prior_temperatures", "class_prior_checksums",
+                    "tail_basis_checksums")
 
 
 def num_shards_for(rows: int, shard_rows: int) -> int:
@@ -59,9 +61,10 @@ def encoding_attributes(max_image_side: int) -> dict:
         "box_scale": box_scale(max_image_side),
         "boxes": "box = boxes / box_scale (top, left, height, width)",
         "logsumexp_keepbits": LOGSUMEXP_KEEPBITS,
-        "tail_levels": TAIL_LEVELS,
-        "tail": ("log-probability = tail_floor + tail_codes * (min(top-k log-probability) - "
-                 "tail_floor) / tail_levels, the top-k classes replaced by their exact values"),
+        "tail_step": TAIL_STEP,
+        "tail": ("log-probability = tail_mean + (tail_coefficients * tail_scales) @ "
+                 "tail_basis.T + tail_step * unzigzag(tail_residuals), where unzigzag(z) = "
+                 "(z >> 1) ^ -(z & 1); the top-k classes replaced by their exact values"),
         "checksums": "crc32 (zlib) of each (shard, view, array) chunk's decoded C-order bytes",
     }
 
@@ -85,16 +88,16 @@ def row_array_specs(attrs: dict, rows: int | None = None) -> dict[str, tuple[tup
         "topk_codes": ((views, rows, topk), np.dtype(np.uint16)),
         "topk_classes": ((views, rows, topk), ids),
         "logsumexp": ((views, rows), np.dtype(np.float32)),
-        "tail_codes": ((views, rows, num_classes), np.dtype(np.uint8)),
-        "tail_floor": ((views, rows), np.dtype(np.float16)),
+        "tail_coefficients": ((views, rows, attrs.get("tail_components", 0)), np.dtype(np.int8)),
+        "tail_residuals": ((views, rows, num_classes), np.dtype(np.uint16)),
         "boxes": ((views, rows, 4), np.dtype(np.uint16)),
         "flips": ((views, rows), np.dtype(bool)),
     }
     return {name: specs[name] for name in view_arrays(attrs)}
 
 
-_DIMENSIONS = {"topk_codes": "topk", "topk_classes": "topk", "tail_codes": "class",
-               "boxes": "box"}
+_DIMENSIONS = {"topk_codes": "topk", "topk_classes": "topk", "tail_coefficients": "component",
+               "tail_residuals": "class", "boxes": "box"}
 
 
 def _create_arrays(group: zarr.Group, attrs: dict) -> None:
@@ -170,6 +173,8 @@ def store_identity(*, rows: int, views: int, topk: int, num_classes: int, shard_
         "rows": int(rows), "views": int(views), "topk": int(topk),
         "num_classes": int(num_classes), "shard_rows": int(shard_rows),
         "num_shards": num_shards_for(rows, shard_rows), "tail": tail,
+        "tail_components": (tail_components(num_classes)
+                            if tail == "quantized" and topk < num_classes else 0),
         "encoding": encoding_attributes(max_image_side)})
 
 
@@ -230,6 +235,45 @@ def open_existing(path: str, mode: str = "r+") -> zarr.Group | None:
                                  "pass overwrite=True") from error
 
 
+def write_tail_basis(group: zarr.Group, basis: TailBasis) -> None:
+    """Store the quantised tail's PCA basis (`pipeline.store.tail.fit_tail_basis`), once per
+    store, before any shard: every shard is encoded with it. One process (rank 0)."""
+    attrs = dict(group.attrs)
+    if not has_tail(attrs):
+        raise ValueError("this store keeps no quantised tail; it takes no tail basis")
+    components, num_classes = attrs["tail_components"], attrs["num_classes"]
+    arrays = {"tail_mean": basis.mean.numpy(), "tail_basis": basis.basis.numpy(),
+              "tail_scales": basis.scales.numpy()}
+    shapes = {"tail_mean": (num_classes,), "tail_basis": (num_classes, components),
+              "tail_scales": (components,)}
+    checksums = {}
+    for name, values in arrays.items():
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if values.shape != shapes[name] or not np.isfinite(values).all():
+            raise ValueError(f"{name} must be a finite {shapes[name]} array, got {values.shape}")
+        group.create_array(name, data=values, chunks=values.shape, overwrite=True, filters=None,
+                           **array_codecs(name, values.dtype))
+        checksums[name] = chunk_checksum(values)
+    group.update_attributes({"tail_basis_checksums": checksums})
+
+
+def read_tail_basis(group: zarr.Group, path: str) -> TailBasis:
+    """The store's tail basis, checked against its checksums (StoreCorruptError if not)."""
+    recorded = group.attrs.get("tail_basis_checksums") or {}
+    arrays = []
+    for name in TAIL_BASIS_ARRAYS:
+        try:
+            values = group[name][...]
+        except Exception as error:  # noqa: BLE001 (missing, or bytes that do not decode)
+            raise StoreCorruptError(f"logit store {path}: array {name!r} is missing or damaged; "
+                                    "delete the store and rerun dump_logits") from error
+        if chunk_checksum(values) != recorded.get(name):
+            raise StoreCorruptError(f"logit store {path}: array {name!r} is missing or damaged "
+                                    "(checksum mismatch); delete the store and rerun dump_logits")
+        arrays.append(values)
+    return TailBasis.from_arrays(*arrays)
+
+
 def _first_bad(mask: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.argwhere(mask)[0])
 
@@ -262,7 +306,8 @@ def write_shard(group: zarr.Group, shard_index: int, *, logits: np.ndarray, boxe
         if array.dtype.kind not in kinds:
             raise ValueError(f"shard {shard_index}: {name} has dtype {array.dtype}")
     _check_values(shard_index, start, num_classes, logits, boxes, labels)
-    data = encode_logits(logits, attrs["topk"], attrs["tail"])
+    basis = read_tail_basis(group, str(group.store_path)) if has_tail(attrs) else None
+    data = encode_logits(logits, attrs["topk"], basis)
     data["boxes"] = encode_boxes(boxes, attrs["encoding"]["box_scale"])
     data["flips"] = flips
     names = view_arrays(attrs)
