@@ -116,9 +116,9 @@ def read_metrics(live_dir) -> dict:
 @pytest.mark.parametrize("student, kd_terms", [
     ({"loss": "ce"}, set()),
     ({"loss": "kl"}, {"kd"}),
-    ({"loss": "ikl", "ikl": {"weights": "sample"}}, {"kd", "kd_kl", "kd_wmse"}),
-    ({"loss": "ikl", "ikl": {"weights": "class_prior"}}, {"kd", "kd_kl", "kd_wmse"}),
-    ({"loss": "ikl", "online_teacher": True}, {"kd", "kd_kl", "kd_wmse"}),
+    ({"loss": "ikl", "ikl": {"weights": "sample"}}, {"kd", "kd_soft_ce", "kd_kl", "kd_wmse"}),
+    ({"loss": "ikl", "ikl": {"weights": "class_prior"}}, {"kd", "kd_soft_ce", "kd_kl", "kd_wmse"}),
+    ({"loss": "ikl", "online_teacher": True}, {"kd", "kd_soft_ce", "kd_kl", "kd_wmse"}),
     ({"loss": "kl", "views_per_decode": 2}, {"kd"}),
 ], ids=["ce", "kl", "ikl-sample", "ikl-class_prior", "ikl-online", "kl-two-views"])
 def test_train_student_one_epoch_writes_checkpoint_and_metrics(stage_one, tmp_path, student,
