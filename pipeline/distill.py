@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.augment import CropSpec
+from pipeline.checkpoints import load_model
 from pipeline.losses import DistillationObjective, distillation_objective, expand_topk
 from pipeline.models import build_model
 from pipeline.params import AugmentParams, Params, StudentParams, TrainParams, to_dict
@@ -16,7 +17,7 @@ from pipeline.shards import file_sha256, load_manifest
 from pipeline.store import LogitStore, open_store
 from pipeline.distributed import distributed
 from pipeline.stream import ViewSource, epoch_steps, eval_loader, split_shards, train_loader
-from pipeline.train import TrainRun, fit, load_checkpoint
+from pipeline.train import TrainRun, fit
 
 
 # Store attributes that change what a student learns (its resume identity includes them).
@@ -35,14 +36,6 @@ def model_identity(settings: TrainParams, params: Params, manifest: dict) -> dic
             "num_classes": manifest["num_classes"], "fingerprint": manifest["fingerprint"],
             "params": {"seed": params.seed, "augment": to_dict(params.augment),
                        "train": to_dict(settings)}}
-
-
-def load_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict]:
-    """A trained model (on the CPU, eval mode) and its checkpoint."""
-    state = load_checkpoint(checkpoint_path)
-    model = build_model(state["arch"], state["num_classes"], small_input=state["small_input"])
-    model.load_state_dict(state["model"])
-    return model.eval(), state
 
 
 def train_teacher(params: Params, name: str, shards_dir: str, out_dir: str,

@@ -12,8 +12,12 @@ import torch
 from torch import nn
 
 from pipeline.augment import normalize
+from pipeline.checkpoints import load_model
+from pipeline.distributed import distributed
 from pipeline.errors import UserError
 from pipeline.params import EvaluateParams
+from pipeline.shards import load_manifest
+from pipeline.stream import eval_loader, split_shards
 
 
 @torch.no_grad()
@@ -88,11 +92,6 @@ def write_report(metrics: dict, per_class: list[dict], class_names: list[str],
 def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: str,
                         metrics_file: str, per_class_file: str) -> dict:
     """Test-split report of one checkpoint, written for DVC; returns the metrics."""
-    from pipeline.distill import load_model
-    from pipeline.shards import load_manifest
-    from pipeline.stream import eval_loader, split_shards
-    from pipeline.distributed import distributed
-
     manifest = load_manifest(shards_dir)
     model, state = load_model(checkpoint)
     if state["fingerprint"] != manifest["fingerprint"]:

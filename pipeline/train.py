@@ -10,7 +10,6 @@ pinned memory and non-blocking copies; on CPU it runs as is.
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,12 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline.augment import normalize
+from pipeline.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipeline.distributed import Distributed, distributed
 from pipeline.evaluate import predict, top_k_accuracy
 from pipeline.losses import DistillationObjective
 from pipeline.params import TrainParams
 
-CHECKPOINT = "checkpoint.pt"
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one syncs the GPU)
 
 # (batch, images on the device, normalised) -> (teacher logits (B, C) or None,
@@ -150,13 +149,9 @@ def _warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, metrics: dict,
                      identity: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics,
-             **identity}
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)  # a crash mid-save never leaves a torn checkpoint
+    save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "epoch": epoch,
+                           "metrics": metrics, **identity})
 
 
 def _resume(path: Path, identity: dict, model, optimizer, scheduler) -> tuple[int, dict]:
@@ -172,11 +167,3 @@ def _resume(path: Path, identity: dict, model, optimizer, scheduler) -> tuple[in
     scheduler.load_state_dict(state["scheduler"])
     print(f"resuming {path} after epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, state["metrics"]
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by `fit`, loaded safely (tensors and plain data only)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found; train the model first "
-                                "(dvc repro)")
-    return torch.load(path, map_location="cpu", weights_only=True)
