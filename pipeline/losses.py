@@ -89,6 +89,7 @@ __all__ = [
     "OBJECTIVES",
     "distillation_objective",
     "ClassPriorAccumulator",
+    "PreviousEpochPrior",
     "class_prior",
     "expand_topk",
     "MIN_RESIDUAL_MASS",
@@ -583,6 +584,57 @@ class ClassPriorAccumulator:
         rows = torch.where((self.counts > 0).unsqueeze(1), rows, uniform)
         # Each mean of probability rows already sums to 1 up to rounding; make it exact.
         return (rows / rows.sum(dim=1, keepdim=True)).to(torch.float32)
+
+
+class PreviousEpochPrior:
+    """GI weights as the official `--GI` computes them: epoch e uses the class prior of the
+    teacher's outputs on the crops of epoch e - 1, epoch 0 a uniform 1/C matrix.
+
+    Official (imagenetlt_distill_dkl.py, `train`): `prior = CLASS_PRIORS if not None else
+    ones(C, C) / C`; per batch `PRIOR += concat_all_gather(onehot).t() @
+    softmax(concat_all_gather(logits_k) / T2)` and `CLASS_PRIOR = onehot @ prior`; after the
+    epoch `PRIOR / PRIOR.sum(1, keepdim=True)` becomes the next epoch's prior. Row c of that is
+    the mean of softmax(t / T2) over the epoch's crops labelled c on all ranks (each softmax row
+    sums to 1); a class without crops gets 1/C here (official: 0/0).
+
+    It only receives teacher logits, whatever produced them (a store or a live teacher):
+    `weights(labels)` before the loss, `observe(teacher_logits, labels)` after the targets are
+    computed, `end_epoch(all_reduce_)` once every rank has finished the epoch.
+    """
+
+    def __init__(
+        self, num_classes: int, *, weight_temperature: float, device: torch.device | str = "cpu"
+    ):
+        self.accumulator = ClassPriorAccumulator(
+            num_classes, weight_temperature=weight_temperature, device=device
+        )
+        self.prior = torch.full(  # (C, C) used this epoch
+            (num_classes, num_classes), 1.0 / num_classes, dtype=torch.float32, device=device
+        )
+
+    def weights(self, labels: Tensor) -> Tensor:
+        """(B, C): this epoch's prior row of each label (B,)."""
+        return self.prior[labels.to(self.prior.device, torch.int64)]
+
+    def observe(self, teacher_logits: Tensor, labels: Tensor) -> None:
+        """Add a batch's teacher logits (B, C) and labels (B,) to the next epoch's prior."""
+        self.accumulator.update(teacher_logits, labels)
+
+    def end_epoch(self, all_reduce_: Callable[[Tensor], Tensor] = lambda tensor: tensor) -> None:
+        """Sum the epoch's partial sums over ranks (`all_reduce_` sums a tensor in place, as
+        torch.distributed.all_reduce), make them the prior of the next epoch and start again."""
+        all_reduce_(self.accumulator.sums)
+        all_reduce_(self.accumulator.counts)
+        self.prior = self.accumulator.compute().to(self.prior.device)
+        self.accumulator.sums.zero_()
+        self.accumulator.counts.zero_()
+
+    def state_dict(self) -> dict:
+        """The prior the next epoch uses (a resumed run continues with it)."""
+        return {"prior": self.prior.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prior = state["prior"].to(self.prior.device)
 
 
 def class_prior(
