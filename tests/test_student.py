@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import pipeline.distill
+
 from pipeline.augment import normalize
 from pipeline.distill import (CachedTeacher, OnlineTeacher, _run, crop_spec, load_model,
                               student_objective, train_student, train_teacher)
@@ -267,3 +269,30 @@ def test_previous_epoch_prior_is_uniform_then_last_epochs_class_means(stage_one,
     saved = load_checkpoint(tmp_path / "s" / CHECKPOINT)["class_prior"]["prior"]
     torch.testing.assert_close(saved.double(), view_prior(store, 1, temperature), rtol=0,
                                atol=1e-6)
+
+
+def test_student_seed_sets_initial_weights_and_row_order_but_not_the_views(stage_one, tmp_path,
+                                                                           monkeypatch):
+    shards_dir, manifest, checkpoint, store_path = stage_one
+    started = {}  # student.seed -> (initial weights, epoch 0's batches concatenated)
+
+    def start_only(model, run, out_dir, live_dir):
+        batches = list(run.train_batches(0))
+        started[seed] = (model.state_dict(), {key: torch.cat([b[key] for b in batches])
+                                              for key in batches[0]})
+        return {}
+
+    monkeypatch.setattr(pipeline.distill, "fit", start_only)
+    for seed in (None, SEED, SEED + 5):
+        train_student(tiny_params(loss="kl", seed=seed, drop_last=False), shards_dir,
+                      store_path, checkpoint, str(tmp_path / f"s{seed}"), str(tmp_path / "l"))
+    default, same, other = (started[seed] for seed in (None, SEED, SEED + 5))
+    for name, tensor in default[0].items():  # null: the global seed's weights and order
+        assert torch.equal(same[0][name], tensor), name
+    assert torch.equal(same[1]["rows"], default[1]["rows"])
+    assert any(not torch.equal(other[0][name], t) for name, t in default[0].items())
+    assert not torch.equal(other[1]["rows"], default[1]["rows"])  # another order...
+    by_row = lambda batches: {key: value[batches["rows"].argsort()]  # noqa: E731
+                              for key, value in batches.items()}
+    for key, value in by_row(default[1]).items():  # ... of the same cached crops and logits
+        assert torch.equal(by_row(other[1])[key], value), key
