@@ -15,6 +15,7 @@ import pipeline.train
 from helpers_stage_one import (  # noqa: F401 (fixtures)
     TRAIN_ROWS, params_from, stage_one_data, with_changes, write_params_file)
 from pipeline.distill import load_model, train_teacher
+from pipeline.evaluate import evaluate_checkpoint
 from pipeline.params import TrainParams, to_dict
 from pipeline.train import CHECKPOINT, _warmup_cosine, epoch_lr_factor, lr_factor
 from stages.train_teacher import main as train_main
@@ -238,6 +239,23 @@ def test_fit_sets_the_per_epoch_rate(stage_one_data, tmp_path):
     log = [float(v) for v in lr_log(tmp_path / "per_epoch_live")[3::2]]
     # 2 epochs, 1 warm-up: epoch 0 at lr, epoch 1 at lr * 0.5 * (1 + cos(pi / 2))
     assert log == pytest.approx([LR, LR * 0.5])
+
+
+def test_every_epoch_on_test_logs_test_top1_as_an_extra_metric(stage_one_data, uninterrupted,
+                                                              tmp_path):
+    raw = with_changes(stage_one_data.raw, "evaluate", every_epoch_on_test=True)
+    out = tmp_path / "tested"
+    metrics = train(stage_one_data, out, params_from(raw))
+    logged = (tmp_path / "tested_live" / "plots" / "metrics" / "test" / "top1.tsv").read_text()
+    assert len(logged.split()) == 2 + 2 * EPOCHS  # header, then one row per epoch
+    # The last epoch's figure is the final model's test top-1, as the evaluate stage reports it
+    report = evaluate_checkpoint(stage_one_data.params.evaluate, str(stage_one_data.shards_dir),
+                                 str(out / CHECKPOINT), str(tmp_path / "m.json"),
+                                 str(tmp_path / "c.csv"))
+    assert metrics["test/top1"] == pytest.approx(report["top1"])
+    # Nothing else changes: the same weights as the run that did not test every epoch.
+    assert_same_tensors(load(out / CHECKPOINT)["model"], load(uninterrupted[0])["model"], "model")
+    assert "test/top1" not in uninterrupted[1]
 
 
 # ---------------------------------------------------------------------------------------------
