@@ -29,19 +29,15 @@ def run_stage(main):
 
 @cli.command()
 def presets() -> None:
-    """Print the paper's ImageNet-LT runs as `dvc exp run` commands.
+    """Print the official DKL ImageNet-LT runs, one per official script, as commands.
 
     First copy pipeline/presets/imagenet_lt.yaml over params.yaml and set its data paths.
     """
-    from pipeline.presets import (BASE_PARAMS, IMAGENET_LT_BASELINES, IMAGENET_LT_ROWS,
-                                  exp_run_command)
+    from pipeline.presets import BASE_PARAMS, IMAGENET_LT_ROWS, describe, exp_run_command
 
     click.echo(f"# params file: {BASE_PARAMS}")
-    for arch, top1 in IMAGENET_LT_BASELINES.items():
-        click.echo(f"# baseline {arch}: paper top-1 {top1:.2f}% (stage evaluate_teacher@{arch})")
-    for name, (top1, _) in IMAGENET_LT_ROWS.items():
-        paper = f"paper top-1 {top1:.2f}%" if top1 is not None else "no paper number"
-        click.echo(f"# {name}: {paper}\n{exp_run_command(name)}")
+    for name in IMAGENET_LT_ROWS:
+        click.echo(f"# {describe(name)}\n{exp_run_command(name)}")
 
 
 def _register_commands() -> None:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from pipeline.augment import CropSpec
+from pipeline.checkpoints import load_model
 from pipeline.errors import UserError
-from pipeline.losses import DistillationObjective, distillation_objective
+from pipeline.losses import DistillationObjective, PreviousEpochPrior, distillation_objective
 from pipeline.models import build_model
 from pipeline.params import AugmentParams, Params, StudentParams, TrainParams, to_dict
 from pipeline.shards import file_sha256, load_manifest
@@ -18,7 +19,7 @@ from pipeline.store import (LOGIT_FIELDS, LogitStore, TailBasis, open_store,
                             teacher_logits_from_fields)
 from pipeline.distributed import distributed
 from pipeline.stream import ViewSource, epoch_steps, eval_loader, split_shards, train_loader
-from pipeline.train import TrainRun, fit, load_checkpoint
+from pipeline.train import TrainRun, fit
 
 
 # Store attributes that change what a student learns (its resume identity includes them).
@@ -39,21 +40,13 @@ def model_identity(settings: TrainParams, params: Params, manifest: dict) -> dic
                        "train": to_dict(settings)}}
 
 
-def load_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict]:
-    """A trained model (on the CPU, eval mode) and its checkpoint."""
-    state = load_checkpoint(checkpoint_path)
-    model = build_model(state["arch"], state["num_classes"], small_input=state["small_input"])
-    model.load_state_dict(state["model"])
-    return model.eval(), state
-
-
 def train_teacher(params: Params, name: str, shards_dir: str, out_dir: str,
                   live_dir: str) -> dict:
     """Train `teachers[name]` with CE; checkpoint in out_dir, dvclive output in live_dir."""
     settings = params.teachers[name]
     manifest = load_manifest(shards_dir)
     run = _run(params, settings, manifest, shards_dir, distillation_objective("ce"),
-               store=None, description=f"teacher {name}")
+               store=None, key=f"teachers.{name}", description=f"teacher {name}")
     return fit(_new_model(settings, manifest, params.seed), run, out_dir, live_dir)
 
 
@@ -64,26 +57,32 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
     settings = params.student
     manifest = load_manifest(shards_dir)
     objective = student_objective(settings)
+    device = distributed().device
     store, targets = None, None
+    # GI prior: the store's (exact, from the first step) or the previous epoch's (official).
+    previous_epoch = objective.needs_class_prior and settings.ikl.prior == "previous_epoch"
+    store_prior = objective.needs_class_prior and not previous_epoch
     # The cached views; a store's own attributes replace these when the student reads one.
     teacher_identity = {"views": params.logits.views}
     if objective.needs_teacher and settings.online_teacher:
         teacher, _ = load_model(teacher_checkpoint)
-        targets = OnlineTeacher(teacher.to(distributed().device))
+        targets = OnlineTeacher(teacher.to(device), params.teachers[settings.teacher].precision)
         teacher_identity.update(online_teacher_sha256=file_sha256(teacher_checkpoint))
     elif objective.needs_teacher:
         store = open_store(store_path, fingerprint=manifest["fingerprint"], seed=params.seed,
                            teacher_sha256=file_sha256(teacher_checkpoint))
         check_store_serves(store, settings)
-        prior = (store.class_prior(settings.ikl.weight_temperature)
-                 if objective.needs_class_prior else None)
-        targets = CachedTeacher(manifest["num_classes"], prior, distributed().device,
-                                store.tail_basis)
+        prior = store.class_prior(settings.ikl.weight_temperature) if store_prior else None
+        targets = CachedTeacher(manifest["num_classes"], prior, device, store.tail_basis)
         teacher_identity = {key: store.attributes[key] for key in STORE_IDENTITY}
+    class_prior = (PreviousEpochPrior(manifest["num_classes"], device=device,
+                                      weight_temperature=settings.ikl.weight_temperature)
+                   if previous_epoch else None)
     run = _run(params, settings, manifest, shards_dir, objective, store=store,
                teacher_targets=targets, teacher_identity=teacher_identity,
-               description="student")
-    return fit(_new_model(settings, manifest, params.seed), run, out_dir, live_dir)
+               class_prior=class_prior, key="student", description="student")
+    seed = params.seed if settings.seed is None else settings.seed
+    return fit(_new_model(settings, manifest, seed), run, out_dir, live_dir)
 
 
 def check_store_serves(store: LogitStore, settings: StudentParams) -> None:
@@ -138,52 +137,76 @@ class CachedTeacher:
 
 class OnlineTeacher:
     """Teacher targets from running the (frozen) teacher on the student's own crops: the
-    comparison the cache is measured against. Sample-wise IKL weights only (no prior)."""
+    comparison the cache is measured against, and the official script's setting. No stored
+    prior (GI weights come from the previous epoch, see PreviousEpochPrior). On CUDA under
+    bf16 autocast unless the teacher's `precision` is fp32."""
 
-    def __init__(self, teacher: nn.Module):
+    def __init__(self, teacher: nn.Module, precision: str = "bf16"):
         self.teacher = teacher.eval().requires_grad_(False)  # frozen once
+        self.precision = precision
 
     @torch.no_grad()
     def __call__(self, batch: dict, images: torch.Tensor) -> tuple:
-        cuda = images.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        bf16 = images.device.type == "cuda" and self.precision == "bf16"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             return self.teacher(images).float(), None
 
 
 def _new_model(settings: TrainParams, manifest: dict, seed: int) -> nn.Module:
-    torch.manual_seed(seed)  # the same initial weights on every run and rank
+    torch.manual_seed(seed)  # the same initial weights on every rank and run of this seed
     return build_model(settings.arch, manifest["num_classes"], small_input=settings.small_input)
 
 
+def rank_batch_size(batch_size: int, world_size: int, key: str) -> int:
+    """Each rank's share of the global `batch_size`; refuses one that does not split evenly."""
+    if batch_size % world_size:
+        raise UserError(f"{key}.batch_size: {batch_size} does not split evenly over "
+                        f"{world_size} ranks (batch_size is the global batch); use a multiple "
+                        f"of {world_size}")
+    return batch_size // world_size
+
+
 def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
-         objective: DistillationObjective, *, store: LogitStore | None,
+         objective: DistillationObjective, *, store: LogitStore | None, key: str,
          teacher_targets=None, teacher_identity: dict | None = None,
-         description: str) -> TrainRun:
+         class_prior: PreviousEpochPrior | None = None, description: str) -> TrainRun:
     train_shards = split_shards(shards_dir, manifest, "train")
     val_split = "val" if "val" in manifest["splits"] else "test"
-    val_shards = split_shards(shards_dir, manifest, val_split)
     is_student = isinstance(settings, StudentParams)
     views_per_decode = settings.views_per_decode if is_student else 1
+    # The student's own seed orders its rows; its views stay the store's (the global seed).
+    shuffle_seed = settings.seed if is_student else None
     ranks = distributed()
     pin = ranks.device.type == "cuda"
+    batch_size = rank_batch_size(settings.batch_size, ranks.world_size, key)
 
     def train_batches(epoch: int):
         views = ViewSource(params.seed, epoch, views_per_decode, crop_spec(params.augment),
-                           store, cached_views=params.logits.views if is_student else 0)
-        return train_loader(train_shards, views, batch_size=settings.batch_size,
+                           store, cached_views=params.logits.views if is_student else 0,
+                           shuffle_seed=shuffle_seed)
+        return train_loader(train_shards, views, batch_size=batch_size,
                             image_size=settings.image_size, workers=settings.workers,
-                            rank=ranks.rank, world_size=ranks.world_size, pin_memory=pin)
+                            rank=ranks.rank, world_size=ranks.world_size, pin_memory=pin,
+                            drop_last=settings.drop_last)
 
-    def val_batches():
-        return eval_loader(val_shards, batch_size=params.evaluate.batch_size,
-                           image_size=settings.image_size, workers=settings.workers,
-                           rank=ranks.rank, world_size=ranks.world_size, pin_memory=pin)
+    def eval_batches(split: str):
+        shards = split_shards(shards_dir, manifest, split)
+        return lambda: eval_loader(shards, batch_size=params.evaluate.batch_size,
+                                   image_size=settings.image_size, workers=settings.workers,
+                                   rank=ranks.rank, world_size=ranks.world_size, pin_memory=pin)
 
-    steps_per_epoch = epoch_steps(manifest["splits"]["train"]["rows"], views_per_decode,
-                                  settings.batch_size, ranks.world_size)
+    rows = manifest["splits"]["train"]["rows"]
+    steps_per_epoch = epoch_steps(rows, views_per_decode, batch_size, ranks.world_size,
+                                  drop_last=settings.drop_last)
+    if steps_per_epoch == 0:
+        raise UserError(f"{key}.batch_size: {settings.batch_size} is more than the "
+                        f"{rows * views_per_decode} training samples of an epoch and "
+                        "drop_last is set: no step would be taken; lower it")
     identity = model_identity(settings, params, manifest)
     if is_student:  # what the student learns from: a checkpoint resumes only if it is unchanged
         identity["targets"] = teacher_identity
-    return TrainRun(settings, objective, train_batches, val_batches,
+    test_batches = eval_batches("test") if params.evaluate.every_epoch_on_test else None
+    return TrainRun(settings, objective, train_batches, eval_batches(val_split),
                     steps_per_epoch=steps_per_epoch, identity=identity,
-                    teacher_targets=teacher_targets, description=description)
+                    teacher_targets=teacher_targets, class_prior=class_prior,
+                    test_batches=test_batches, description=description)

@@ -39,6 +39,12 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` (on this rank's device) over all ranks, in place; returns it."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
 
 def distributed() -> Distributed:
     """This process's place in the run, initialising the process group once if launched by

@@ -12,17 +12,23 @@ import torch
 from torch import nn
 
 from pipeline.augment import normalize
+from pipeline.checkpoints import load_model
+from pipeline.distributed import distributed
 from pipeline.errors import UserError
 from pipeline.params import EvaluateParams
+from pipeline.shards import load_manifest
+from pipeline.stream import eval_loader, split_shards
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable[dict], device: torch.device):
-    """Logits (N, C) float32 and labels (N,) for every sample of `batches`, on the CPU."""
+def predict(model: nn.Module, batches: Iterable[dict], device: torch.device, *,
+            precision: str = "bf16"):
+    """Logits (N, C) float32 and labels (N,) for every sample of `batches`, on the CPU.
+    On CUDA the model runs under bf16 autocast unless `precision` is "fp32"."""
     was_training = model.training
     model.eval()
     cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and precision == "bf16")
     all_logits, all_labels = [], []
     for batch in batches:
         images = normalize(batch["images"].to(device, non_blocking=True))
@@ -88,11 +94,6 @@ def write_report(metrics: dict, per_class: list[dict], class_names: list[str],
 def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: str,
                         metrics_file: str, per_class_file: str) -> dict:
     """Test-split report of one checkpoint, written for DVC; returns the metrics."""
-    from pipeline.distill import load_model
-    from pipeline.shards import load_manifest
-    from pipeline.stream import eval_loader, split_shards
-    from pipeline.distributed import distributed
-
     manifest = load_manifest(shards_dir)
     model, state = load_model(checkpoint)
     if state["fingerprint"] != manifest["fingerprint"]:
@@ -103,7 +104,8 @@ def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: s
     image_size = state["params"]["train"]["image_size"]
     batches = eval_loader(split_shards(shards_dir, manifest, "test"),
                           batch_size=settings.batch_size, image_size=image_size, workers=0)
-    logits, labels = predict(model.to(device), batches, device)
+    precision = state["params"]["train"].get("precision", "bf16")  # older checkpoints: bf16
+    logits, labels = predict(model.to(device), batches, device, precision=precision)
     metrics, per_class = long_tail_report(logits, labels, manifest["train_counts"], settings)
     write_report(metrics, per_class, manifest["class_names"], metrics_file, per_class_file)
     return metrics

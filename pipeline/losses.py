@@ -10,41 +10,67 @@ options, and `distillation_objective(name, **options)` builds the one callable t
 Notation: s = student logits, t = teacher logits, both (B, C); T = `temperature`,
 T2 = `weight_temperature`.
 
+The reference for every convention is the official code, github.com/jiequancui/DKL (commit
+c5e8ad2), `DKLv1/Imbalanced_KD-dkl/imagenetlt_distill_dkl.py` (IKL) and
+`DKLv2/Imbalanced_KD-dkl/imagenetlt_distill_dkl.py` (GKL, the generalised variant):
+
+    def kd_loss(logits_student, logits_teacher, temperature):
+        log_pred_student = F.log_softmax(logits_student / temperature, dim=1)
+        pred_teacher = F.softmax(logits_teacher / temperature, dim=1)
+        loss_kd = F.kl_div(log_pred_student, pred_teacher, reduction="none").sum(1).mean()
+        loss_kd *= temperature**2
+
+    def dkl_loss(...):                                    # V1; V2 differs where marked
+        delta_n = (logits_teacher.view(-1, C, 1) - logits_teacher.view(-1, 1, C))
+        delta_a = (logits_student.view(-1, C, 1) - logits_student.view(-1, 1, C))
+        if GI: p_n = CLASS_PRIOR (** gamma, V2) outer CLASS_PRIOR
+        else:  s_n = F.softmax(logits_teacher / T2, dim=1) (** gamma, V2); p_n = s_n outer s_n
+        loss_mse = 0.25 * (torch.pow(delta_n - delta_a, 2) * p_n).sum() / logits_student.size(0)
+                                                     # V2: ... .sum() / p_n.sum()
+        loss_sce = -(F.softmax(logits_teacher / temperature, dim=-1).detach()
+                     * F.log_softmax(logits_student / temperature, dim=-1)).sum(1).mean()
+        return beta * loss_mse + alpha * loss_sce
+
 - KL-KD:  T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, mean over the batch.
-- IKL-KD: alpha * (soft-label CE at T, scaled by T^2 like KL-KD) + beta * wMSE, with
-  wMSE = 1/4 * sum_{j,k} w_j w_k ((t_j - t_k) - (s_j - s_k))^2 per sample, mean over the batch,
-  w = softmax(t / T2) ** gamma (sample-wise), or a caller-given (B, C) row of the teacher's
-  class prior for each sample's label (GI: "global information") ** gamma.
-  `normalize=True` divides each sample's double sum by sum_{j,k} w_j w_k (generalised variant).
+- IKL-KD: alpha * soft_CE + beta * wMSE. soft_CE = -sum_j softmax(t/T)_j log softmax(s/T)_j,
+  teacher detached, mean over the batch, with NO T^2 factor (unlike KL-KD: at T != 1 the
+  gradient of the soft term is 1/T^2 of KL-KD's). wMSE = 1/4 * sum_b sum_{j,k} w_j w_k
+  ((t_j - t_k) - (s_j - s_k))^2 / B, w = softmax(t / T2) ** gamma (sample-wise), or a
+  caller-given (B, C) row of the teacher's class prior for each sample's label (GI: "global
+  information") ** gamma. `normalize=True` (GKL) divides the batch's double sum by the batch
+  total sum_b sum_{j,k} w_j w_k = sum_b S_b^2 (S = sum_j w_j), one normaliser for the whole
+  batch, instead of by B.
 
-Value convention: soft-label CE = KL(p_t || p_s) + H(p_t), and the teacher entropy H(p_t) has no
-gradient wrt the student. We return the KL part as the value (zero when the student matches the
-teacher, and equal to KL-KD's value up to rounding, so `alpha=1, beta=0` IKL logs like KL-KD);
-the gradient is the soft-label CE gradient either way. IKL computes that KL value without a
-log-softmax pass (see `_ikl_value_and_gradient`), so in float32 it carries an absolute error of
-about 1e-7 * |t - s| (it can read -1e-6 for a student equal to the teacher plus a constant);
-the gradient is exact to float32 rounding.
+Value convention: the value is the official one, alpha * soft_CE + beta * wMSE (what the
+official script logs, less its CE). soft_CE = KL(p_t || p_s) + H(p_t); `ikl_kd_terms` also
+returns the KL part (zero when the student matches the teacher) for curves that should reach
+zero. IKL computes its values without a log-softmax pass (see `_ikl_value_and_gradient`), so in
+float32 they carry an absolute error of about 1e-7 * max|s| / T; the gradient is exact to
+float32 rounding.
 
-Paper presets (ImageNet-LT). Shared by all rows: SGD lr 0.05 at batch 128, momentum 0.9,
-weight decay 5e-4, 90 epochs, 10 warmup epochs then cosine, RandomResizedCrop 224 + flip,
-T = 1, CE on the label with weight 1. Runnable as params: pipeline/presets (one source of truth).
+Paper presets (ImageNet-LT, `sh/Distill/*.sh` of both versions). Shared by all rows: SGD lr 0.05
+at a global batch of 128 (4 GPUs x 32), momentum 0.9, weight decay 5e-4, 90 epochs, 10 warm-up
+epochs then cosine per epoch, RandomResizedCrop 224 + flip, T = 1, CE on the label with weight
+1, fp32. Runnable as params: pipeline/presets (one source of truth).
 
     teacher -> student          loss  options
     ResNeXt101-32x4d -> ResNet18  kl    weight 4
     ResNeXt101-32x4d -> ResNet50  kl    weight 3
     ResNet50 -> ResNet50          kl    weight 1
+    ResNet18 -> ResNet18          kl    weight 4
     ResNeXt101-32x4d -> ResNet18  ikl   alpha 4, beta 4    (sample-wise w, T2 = 100)
     ResNeXt101-32x4d -> ResNet50  ikl   alpha 3, beta 4    (sample-wise w, T2 = 100)
     ResNet50 -> ResNet50          ikl   alpha 1, beta 1    (sample-wise w, T2 = 100)
     ResNet18 -> ResNet18          ikl   alpha 1, beta 0.5  (sample-wise w, T2 = 100)
-    ResNeXt101-32x4d -> ResNet18  ikl   alpha 4, beta 4    (GI class prior, T2 = 1, gamma 0.3,
-    ResNeXt101-32x4d -> ResNet50  ikl   alpha 3, beta 4     normalize)
+    ResNeXt101-32x4d -> ResNet18  gkl   alpha 4, beta 4    (GI prior of the previous epoch,
+    ResNeXt101-32x4d -> ResNet50  gkl   alpha 3, beta 4     T2 = 1, gamma 0.3, normalised
+    ResNet50 -> ResNet50          gkl   alpha 1, beta 1     by the batch total)
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +81,7 @@ __all__ = [
     "kl_kd_loss",
     "ikl_weights",
     "ikl_kd_terms",
+    "IKLTerms",
     "ikl_kd_loss",
     "KLDivergenceKD",
     "IKLDivergenceKD",
@@ -62,6 +89,7 @@ __all__ = [
     "OBJECTIVES",
     "distillation_objective",
     "ClassPriorAccumulator",
+    "PreviousEpochPrior",
     "class_prior",
     "expand_topk",
     "MIN_RESIDUAL_MASS",
@@ -146,21 +174,22 @@ def _ikl_value_and_gradient(
     temperature: float,
     normalize: bool,
     need_gradient: bool,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """IKL's two terms and the gradient of alpha * kl + beta * wmse wrt the student, by hand.
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """IKL's terms and the gradient of alpha * soft_ce + beta * wmse wrt the student, by hand.
 
     No autograd: inputs are plain (B, C) tensors of one float dtype (float32 or float64).
-    Returns kl (), wmse (), gradient (B, C) or None. With d = t - s:
+    Returns soft_ce (), kl (), wmse (), gradient (B, C) or None. With d = t - s and
+    p = softmax(logits / T), lse = logsumexp(logits / T):
 
-    kl   = T^2 * mean_b sum_j p_t,j (log p_t,j - log p_s,j), p = softmax(logits / T). Since
-           log p_t,j - log p_s,j = d_j / T - (lse_t - lse_s) and sum_j p_t,j = 1, each sample's
-           KL is sum_j p_t,j d_j / T - (lse_t - lse_s): no log-softmax pass is needed.
-           d kl / d s = T * (p_s - p_t) / B.
-    wmse = mean_b 1/4 sum_{j,k} w_j w_k (d_j - d_k)^2, through the closed form
-           2 * S * sum_j w_j (d_j - dbar)^2, S = sum_j w_j, dbar = sum_j w_j d_j / S. Per sample
-           wmse = scale/2 * sum_j w_j c_j^2 with c = d - dbar and scale = S (or 1/S when
-           normalised by sum_{j,k} w_j w_k = S^2); since sum_j w_j c_j = 0 the dbar term drops
-           out of the derivative: d wmse / d s_j = -scale * w_j c_j / B.
+    soft_ce = mean_b -sum_j p_t,j log p_s,j = mean_b (lse_s - sum_j p_t,j s_j / T), no T^2
+           (the official `loss_sce`). d soft_ce / d s = (p_s - p_t) / (T B).
+    kl   = mean_b sum_j p_t,j (log p_t,j - log p_s,j) = mean_b (sum_j p_t,j d_j / T
+           - (lse_t - lse_s)): soft_ce minus the teacher's entropy, for logs only.
+    wmse = 1/4 sum_b sum_{j,k} w_j w_k (d_j - d_k)^2 / N, N = B, or N = sum_b S_b^2 when
+           `normalize` (the batch total of sum_{j,k} w_j w_k, official GKL), through the
+           closed form 1/4 sum_{j,k} w_j w_k (d_j - d_k)^2 = S/2 * sum_j w_j c_j^2,
+           S = sum_j w_j, c = d - dbar, dbar = sum_j w_j d_j / S. Since sum_j w_j c_j = 0
+           the dbar term drops out of the derivative: d wmse / d s_j = -S w_j c_j / N.
     Centring d before squaring keeps large logits exact (no cancellation of huge squares).
     Buffers are reused in place once spent: each fresh (B, C) allocation costs about as much as
     the arithmetic on it.
@@ -171,30 +200,45 @@ def _ikl_value_and_gradient(
     scaled_teacher = teacher_logits if temperature == 1.0 else teacher_logits / temperature
     student_probs = F.softmax(scaled_student, dim=1)  # (B, C)
     teacher_probs = F.softmax(scaled_teacher, dim=1)  # (B, C); 0 where it underflows
-    lse_gap = _logsumexp_from_softmax(scaled_teacher, teacher_probs) - _logsumexp_from_softmax(
-        scaled_student, student_probs
-    )  # (B,) lse_t - lse_s
+    student_lse = _logsumexp_from_softmax(scaled_student, student_probs)  # (B,)
+    lse_gap = _logsumexp_from_softmax(scaled_teacher, teacher_probs) - student_lse  # (B,)
+    # Sums over batch and classes of p_t * s / T and p_t * d / T, each one BLAS dot.
+    flat_teacher_probs = teacher_probs.reshape(-1)
+    student_cross = torch.dot(flat_teacher_probs, student_logits.reshape(-1)) / temperature
+    soft_ce = (student_lse.sum() - student_cross) / batch
     gaps = teacher_logits - student_logits  # (B, C) d
-    # sum over batch and classes of p_t * d / T in one BLAS dot, then the batch mean and T^2.
-    cross = torch.dot(teacher_probs.reshape(-1), gaps.reshape(-1)) / temperature
-    kl = (cross - lse_gap.sum()).mul_(temperature**2 / batch)
+    cross = torch.dot(flat_teacher_probs, gaps.reshape(-1)) / temperature
+    kl = (cross - lse_gap.sum()) / batch
 
     # S; an all-zero weight row has a zero double sum, and the clamp only avoids 0/0 there.
-    weight_sum = weights.sum(dim=1, keepdim=True).clamp_min_(torch.finfo(weights.dtype).tiny)
+    tiny = torch.finfo(weights.dtype).tiny
+    weight_sum = weights.sum(dim=1, keepdim=True).clamp_min_(tiny)  # (B, 1) S
     weighted_gaps = weights * gaps  # (B, C) w * d
     mean_gap = weighted_gaps.sum(dim=1, keepdim=True) / weight_sum  # (B, 1) dbar
     centred_gaps = gaps.sub_(mean_gap)  # (B, C) c = d - dbar
     torch.mul(weights, centred_gaps, out=weighted_gaps)  # (B, C) w * c, into the spent buffer
     spread = centred_gaps.mul_(weighted_gaps).sum(dim=1)  # (B,) sum_j w_j c_j^2
-    scale = (1.0 / weight_sum if normalize else weight_sum).squeeze(1)  # (B,)
-    wmse = torch.dot(scale, spread).mul_(0.5 / batch)  # mean over the batch of scale/2 * spread
+    scale = weight_sum.squeeze(1)  # (B,) S
+    # N: the batch size, or (GKL) the batch total of sum_{j,k} w_j w_k = sum_b S_b^2.
+    normaliser = scale.square().sum().clamp_min(tiny) if normalize else batch
+    wmse = torch.dot(scale, spread) * (0.5 / normaliser)
 
     if not need_gradient:
-        return kl, wmse, None
+        return soft_ce, kl, wmse, None
     gradient = student_probs.sub_(teacher_probs)  # (B, C) p_s - p_t
-    gradient.mul_(alpha * temperature / batch)
-    gradient.addcmul_(weighted_gaps, scale.unsqueeze(1), value=-beta / batch)
-    return kl, wmse, gradient
+    gradient.mul_(alpha / (temperature * batch))
+    gradient.addcmul_(weighted_gaps, (scale * (-beta / normaliser)).unsqueeze(1))
+    return soft_ce, kl, wmse, gradient
+
+
+class IKLTerms(NamedTuple):
+    """`ikl_kd_terms`' result: total = alpha * soft_ce + beta * wmse (differentiable wrt the
+    student); soft_ce, kl (= soft_ce minus the teacher entropy) and wmse detached, unweighted."""
+
+    total: Tensor
+    soft_ce: Tensor
+    kl: Tensor
+    wmse: Tensor
 
 
 class _IKLFunction(torch.autograd.Function):
@@ -202,14 +246,14 @@ class _IKLFunction(torch.autograd.Function):
 
     Why not autograd: through the closed form it records ~25 small kernels and took 3.1x
     KL-KD's time at B = 128, C = 1000 on CPU; this form takes about 1.3x (benchmarks/losses.py).
-    Returns (total, kl, wmse); only total is differentiable, and only wrt the student. Not
-    twice differentiable (nothing in distillation needs it)."""
+    Returns (total, soft_ce, kl, wmse); only total is differentiable, and only wrt the student.
+    Not twice differentiable (nothing in distillation needs it)."""
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, weights, alpha, beta, temperature, normalize):
         dtype = _compute_dtype(student_logits, teacher_logits)
         ctx.student_dtype = student_logits.dtype
-        kl, wmse, gradient = _ikl_value_and_gradient(
+        soft_ce, kl, wmse, gradient = _ikl_value_and_gradient(
             student_logits.to(dtype),
             teacher_logits.to(dtype),
             weights.to(dtype),
@@ -220,12 +264,12 @@ class _IKLFunction(torch.autograd.Function):
             need_gradient=ctx.needs_input_grad[0],
         )
         ctx.save_for_backward(gradient)
-        ctx.mark_non_differentiable(kl, wmse)
-        return torch.add(kl * alpha, wmse, alpha=beta), kl, wmse
+        ctx.mark_non_differentiable(soft_ce, kl, wmse)
+        return torch.add(soft_ce * alpha, wmse, alpha=beta), soft_ce, kl, wmse
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_total, _grad_kl, _grad_wmse):
+    def backward(ctx, grad_total, _grad_soft_ce, _grad_kl, _grad_wmse):
         (gradient,) = ctx.saved_tensors
         grad_student = (gradient * grad_total).to(ctx.student_dtype)
         return grad_student, None, None, None, None, None, None
@@ -242,11 +286,11 @@ def ikl_kd_terms(
     class_weights: Tensor | None = None,
     gamma: float = 1.0,
     normalize: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, kl, wmse): `ikl_kd_loss` and its two unweighted terms, detached, for logging.
-
-    kl is the KL part at `temperature` (T^2-scaled soft-label CE minus teacher entropy), wmse
-    the weighted logit MSE. Arguments as in `ikl_kd_loss`.
+) -> IKLTerms:
+    """IKLTerms(total, soft_ce, kl, wmse): `ikl_kd_loss` and its unweighted terms, detached,
+    for logging. soft_ce is the official soft-label term at `temperature` (no T^2), kl its KL
+    part (soft_ce minus the teacher entropy), wmse the weighted logit MSE. Arguments as in
+    `ikl_kd_loss`.
     """
     weights = ikl_weights(
         teacher_logits,
@@ -254,9 +298,9 @@ def ikl_kd_terms(
         class_weights=class_weights,
         gamma=gamma,
     )
-    return _IKLFunction.apply(
+    return IKLTerms(*_IKLFunction.apply(
         student_logits, teacher_logits.detach(), weights, alpha, beta, temperature, normalize
-    )
+    ))
 
 
 def ikl_kd_loss(
@@ -271,15 +315,16 @@ def ikl_kd_loss(
     gamma: float = 1.0,
     normalize: bool = False,
 ) -> Tensor:
-    """IKL-KD = alpha * T^2 * soft-label CE at T (valued as KL) + beta * wMSE, a scalar.
+    """IKL-KD = alpha * soft-label CE at T (no T^2, as the official code) + beta * wMSE, a scalar.
 
     student_logits, teacher_logits: (B, C); class_weights: (B, C) or None (then sample-wise
-    w = softmax(t / weight_temperature)). w is raised to `gamma`; `normalize` divides each
-    sample's double sum by sum_{j,k} w_j w_k. wMSE uses the exact O(C) closed form (see
-    `_ikl_value_and_gradient`), never a (C, C) matrix. The teacher and w carry no gradient.
-    Half inputs are computed in float32; the value is float32 (float64 for float64 inputs).
+    w = softmax(t / weight_temperature)). w is raised to `gamma`. wMSE's batch double sum is
+    divided by B, or with `normalize` (GKL) by its batch total sum_b sum_{j,k} w_j w_k. wMSE uses
+    the exact O(C) closed form (see `_ikl_value_and_gradient`), never a (C, C) matrix. The
+    teacher and w carry no gradient. Half inputs are computed in float32; the value is float32
+    (float64 for float64 inputs).
     """
-    total, _, _ = ikl_kd_terms(
+    return ikl_kd_terms(
         student_logits,
         teacher_logits,
         alpha=alpha,
@@ -289,8 +334,7 @@ def ikl_kd_loss(
         class_weights=class_weights,
         gamma=gamma,
         normalize=normalize,
-    )
-    return total
+    ).total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +371,7 @@ class KLDivergenceKD(nn.Module):
 
 class IKLDivergenceKD(nn.Module):
     """`ikl_kd_loss` as a module: forward(student_logits (B, C), teacher_logits (B, C),
-    class_weights (B, C) or None) -> scalar. `terms(...)` also returns the unweighted (kl, wmse)."""
+    class_weights (B, C) or None) -> scalar. `terms(...)` also returns the unweighted terms."""
 
     def __init__(
         self,
@@ -348,8 +392,8 @@ class IKLDivergenceKD(nn.Module):
 
     def terms(
         self, student_logits: Tensor, teacher_logits: Tensor, class_weights: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(total, kl, wmse) as in `ikl_kd_terms`: total differentiable, the terms detached."""
+    ) -> IKLTerms:
+        """IKLTerms as in `ikl_kd_terms`: total differentiable, the terms detached."""
         return ikl_kd_terms(
             student_logits,
             teacher_logits,
@@ -365,8 +409,7 @@ class IKLDivergenceKD(nn.Module):
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, class_weights: Tensor | None = None
     ) -> Tensor:
-        total, _, _ = self.terms(student_logits, teacher_logits, class_weights)
-        return total
+        return self.terms(student_logits, teacher_logits, class_weights).total
 
     def extra_repr(self) -> str:
         return (
@@ -381,7 +424,9 @@ class DistillationObjective(nn.Module):
 
     forward(student_logits (B, C), labels (B,), teacher_logits (B, C) or None,
     class_weights (B, C) or None) -> {"loss": total (with gradient), "ce": ..., and per KD kind
-    "kd" (kl) or "kd_kl", "kd_wmse", "kd" (ikl)}; every entry but "loss" is detached, for logs.
+    "kd" (kl) or "kd" (alpha * soft_ce + beta * wmse, the official value), "kd_soft_ce",
+    "kd_kl" (soft_ce minus the teacher entropy), "kd_wmse" (ikl)}; every entry but "loss" is
+    detached, for logs.
     `needs_teacher` / `needs_class_prior` tell the trainer what to fetch.
     """
 
@@ -421,8 +466,9 @@ class DistillationObjective(nn.Module):
             if not self.needs_class_prior and class_weights is not None:
                 raise ValueError("class_weights given but use_class_prior is not set")
             if isinstance(self.kd_loss, IKLDivergenceKD):
-                kd, kl, wmse = self.kd_loss.terms(student_logits, teacher_logits, class_weights)
-                terms.update(kd_kl=kl, kd_wmse=wmse)
+                kd, soft_ce, kl, wmse = self.kd_loss.terms(student_logits, teacher_logits,
+                                                           class_weights)
+                terms.update(kd_soft_ce=soft_ce, kd_kl=kl, kd_wmse=wmse)
             else:
                 kd = self.kd_loss(student_logits, teacher_logits)
             terms["kd"] = kd
@@ -538,6 +584,57 @@ class ClassPriorAccumulator:
         rows = torch.where((self.counts > 0).unsqueeze(1), rows, uniform)
         # Each mean of probability rows already sums to 1 up to rounding; make it exact.
         return (rows / rows.sum(dim=1, keepdim=True)).to(torch.float32)
+
+
+class PreviousEpochPrior:
+    """GI weights as the official `--GI` computes them: epoch e uses the class prior of the
+    teacher's outputs on the crops of epoch e - 1, epoch 0 a uniform 1/C matrix.
+
+    Official (imagenetlt_distill_dkl.py, `train`): `prior = CLASS_PRIORS if not None else
+    ones(C, C) / C`; per batch `PRIOR += concat_all_gather(onehot).t() @
+    softmax(concat_all_gather(logits_k) / T2)` and `CLASS_PRIOR = onehot @ prior`; after the
+    epoch `PRIOR / PRIOR.sum(1, keepdim=True)` becomes the next epoch's prior. Row c of that is
+    the mean of softmax(t / T2) over the epoch's crops labelled c on all ranks (each softmax row
+    sums to 1); a class without crops gets 1/C here (official: 0/0).
+
+    It only receives teacher logits, whatever produced them (a store or a live teacher):
+    `weights(labels)` before the loss, `observe(teacher_logits, labels)` after the targets are
+    computed, `end_epoch(all_reduce_)` once every rank has finished the epoch.
+    """
+
+    def __init__(
+        self, num_classes: int, *, weight_temperature: float, device: torch.device | str = "cpu"
+    ):
+        self.accumulator = ClassPriorAccumulator(
+            num_classes, weight_temperature=weight_temperature, device=device
+        )
+        self.prior = torch.full(  # (C, C) used this epoch
+            (num_classes, num_classes), 1.0 / num_classes, dtype=torch.float32, device=device
+        )
+
+    def weights(self, labels: Tensor) -> Tensor:
+        """(B, C): this epoch's prior row of each label (B,)."""
+        return self.prior[labels.to(self.prior.device, torch.int64)]
+
+    def observe(self, teacher_logits: Tensor, labels: Tensor) -> None:
+        """Add a batch's teacher logits (B, C) and labels (B,) to the next epoch's prior."""
+        self.accumulator.update(teacher_logits, labels)
+
+    def end_epoch(self, all_reduce_: Callable[[Tensor], Tensor] = lambda tensor: tensor) -> None:
+        """Sum the epoch's partial sums over ranks (`all_reduce_` sums a tensor in place, as
+        torch.distributed.all_reduce), make them the prior of the next epoch and start again."""
+        all_reduce_(self.accumulator.sums)
+        all_reduce_(self.accumulator.counts)
+        self.prior = self.accumulator.compute().to(self.prior.device)
+        self.accumulator.sums.zero_()
+        self.accumulator.counts.zero_()
+
+    def state_dict(self) -> dict:
+        """The prior the next epoch uses (a resumed run continues with it)."""
+        return {"prior": self.prior.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prior = state["prior"].to(self.prior.device)
 
 
 def class_prior(

@@ -8,6 +8,7 @@ fail before any work, with one line naming the key path, e.g.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,11 +87,19 @@ class TrainParams:
     small_input: bool = False  # 3x3 stem, no max-pool: for 32 px images
     image_size: int = _param(224, at_least(8))  # side of the crop the model sees
     epochs: int = _param(90, at_least(1))
+    # The global batch over all ranks (the paper's -b 128 on 4 GPUs): each of W ranks takes
+    # batch_size / W, so the same params train the same way on any number of GPUs.
     batch_size: int = _param(128, at_least(1))
+    drop_last: bool = True  # drop each epoch's short last batch, as the paper's DataLoader
     lr: float = _param(0.05, above(0))
     momentum: float = _param(0.9, between(0, 1))
     weight_decay: float = _param(5e-4, at_least(0))
-    warmup_epochs: int = _param(0, at_least(0))  # linear warm-up, then cosine to zero
+    warmup_epochs: int = _param(0, at_least(0))  # linear warm-up, then cosine
+    # per_step: warm-up and cosine to zero over steps; per_epoch: the official DKL form, lr
+    # set once per epoch, (e + 1) / warmup_epochs in warm-up, then
+    # 0.5 * (1 + cos(pi * (e - warmup_epochs + 1) / (epochs - warmup_epochs + 1))).
+    schedule: str = _param("per_step", one_of("per_step", "per_epoch"))
+    precision: str = _param("bf16", one_of("bf16", "fp32"))  # autocast on CUDA; CPU is fp32
     workers: int = _param(2, at_least(0))  # DataLoader processes
 
 
@@ -132,10 +141,14 @@ class IKLParams:
     weight_temperature: float = _param(100.0, above(0))  # T2 of softmax(teacher / T2) weights
     weights: str = _param("sample", one_of("sample", "class_prior"))  # class_prior = GI
     gamma: float = _param(1.0, above(0))
-    normalize: bool = False  # divide wMSE by sum(w w^T): the generalised variant
     # train IKL on a top-k-only store (logits.tail: none, k < C) anyway, with the classes
     # outside the top-k filled evenly: a different loss than the paper's (README, "Top-k and IKL")
     approximate_tail: bool = False
+    normalize: bool = False  # divide wMSE by the batch's sum(w w^T): the generalised (GKL) form
+    # Where GI's class prior comes from: `store` (exact, all cached views, from the first step)
+    # or `previous_epoch` (the official --GI: the teacher's mean softmax(t / T2) per label over
+    # the crops of the previous epoch, all ranks; uniform 1/C in epoch 0).
+    prior: str = _param("store", one_of("store", "previous_epoch"))
 
 
 @dataclass(frozen=True)
@@ -143,6 +156,9 @@ class StudentParams(TrainParams):
     """`student`: a TrainParams plus where its teacher logits come from and the loss."""
 
     teacher: str = "teacher"  # a key of `teachers`: whose logit store to train against
+    # Seeds the student's initial weights and shuffle order; null: the global `seed`. The
+    # cached views stay those of the global seed (the store holds them).
+    seed: int | None = _param(None, at_least(0))
     loss: str = _param("ikl", one_of("ce", "kl", "ikl"))
     ce_weight: float = _param(1.0, at_least(0))  # weight of CE on the label
     kl: KLParams = field(default_factory=KLParams)
@@ -158,7 +174,10 @@ class EvaluateParams:
 
     many_above: int = _param(100, at_least(0))
     few_below: int = _param(20, at_least(0))
-    batch_size: int = _param(256, at_least(1))
+    batch_size: int = _param(256, at_least(1))  # per process: inference, no effect on results
+    # Also log test top-1 after every training epoch (`test/top1`): the official script's
+    # protocol (it keeps the best test epoch); the reported result stays the final model's.
+    every_epoch_on_test: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,15 +221,16 @@ def check_consistency(params: Params) -> Params:
         raise ParamsError("evaluate.few_below: expected <= evaluate.many_above, got "
                           f"{params.evaluate.few_below} > {params.evaluate.many_above}")
     ikl = params.student.ikl
-    if (params.student.loss == "ikl" and ikl.weights == "class_prior"
+    store_prior = ikl.weights == "class_prior" and ikl.prior == "store"
+    if (params.student.loss == "ikl" and store_prior
             and ikl.weight_temperature not in params.logits.prior_temperatures):
         raise ParamsError(f"student.ikl.weight_temperature: {ikl.weight_temperature:g} has no "
                           "stored class prior; add it to logits.prior_temperatures")
     student = params.student
-    if student.online_teacher and student.loss == "ikl" and ikl.weights == "class_prior":
-        raise ParamsError("student.online_teacher: the live teacher gives sample-wise IKL "
-                          "weights only (the GI prior comes from the logit store); set "
-                          "student.ikl.weights: sample or online_teacher: false")
+    if student.online_teacher and student.loss == "ikl" and store_prior:
+        raise ParamsError("student.online_teacher: the live teacher has no stored GI prior; set "
+                          "student.ikl.prior: previous_epoch, student.ikl.weights: sample or "
+                          "online_teacher: false")
     if student.views_per_decode > params.logits.views:
         raise ParamsError(f"student.views_per_decode: {student.views_per_decode} exceeds the "
                           f"{params.logits.views} cached views (logits.views); the extra crops "
@@ -232,6 +252,12 @@ def parse(cls: type, raw: Any, key_path: str) -> Any:
     for name, value in raw.items():
         child_path = f"{key_path}.{name}" if key_path else name
         hint, rule = hints[name], fields[name].metadata.get("rule")
+        optional = _optional_of(hint)
+        if optional is not None:  # `int | None`: null keeps None, anything else is an int
+            if value is None:
+                values[name] = None
+                continue
+            hint = optional
         if hint in (bool, int, float, str):
             values[name] = _scalar(hint, value)
             if values[name] is None or (rule and not rule[1](values[name])):
@@ -265,6 +291,14 @@ def _convert(hint: Any, value: Any, key_path: str) -> Any:
             raise ParamsError(f"{key_path}: expected {_describe(hint)}, got {value!r}")
         return converted
     raise TypeError(f"{key_path}: unsupported params type {hint}")  # a schema bug, not user's
+
+
+def _optional_of(hint: Any) -> Any:
+    """X for a hint `X | None`, else None."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and len(args) == 2 and type(None) in args:
+        return next(arg for arg in args if arg is not type(None))
+    return None
 
 
 def _scalar(hint: type, value: Any) -> Any:

@@ -10,7 +10,9 @@ label differs from the shard's stops the run.
 
 Every rank gets ceil(N / world_size) rows per epoch (the last ranks wrap around to the start
 of the epoch's order, as DistributedSampler pads) and so the same number of batches, which
-DDP needs; with one process every row is seen exactly once.
+DDP needs; with one process every row is seen exactly once. `batch_size` here is the rank's
+batch (the caller divides the global batch by the world size); with `drop_last` each rank
+drops its short last batch, as the official loader (DistributedSampler + drop_last=True).
 
 A batch is a dict of tensors: `images` (B, 3, S, S) uint8, `labels` (B,) int64, `rows` (B,)
 int64, and for a student the store's fields of its teacher logits (pipeline.store.LOGIT_FIELDS):
@@ -87,6 +89,12 @@ class ViewSource:
     crop: CropSpec = CropSpec()
     store: object | None = None  # a pipeline.store.LogitStore
     cached_views: int = 0
+    shuffle_seed: int | None = None  # shard order and shuffle buffer; None: `seed`
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the epoch's row order (the views always come from `seed`)."""
+        return self.seed if self.shuffle_seed is None else self.shuffle_seed
 
     def view_ids(self) -> list[int]:
         first = self.epoch * self.views_per_decode
@@ -100,9 +108,9 @@ class ViewSource:
 
 def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
                  image_size: int, workers: int, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False) -> EpochBatches:
+                 pin_memory: bool = False, drop_last: bool = False) -> EpochBatches:
     """One epoch of training batches for this rank (see the module docstring)."""
-    order = np.random.default_rng([views.seed, views.epoch]).permutation(len(shards))
+    order = np.random.default_rng([views.order_seed, views.epoch]).permutation(len(shards))
     segments = rank_segments([shards[i] for i in order], rank, world_size)
     attach_views = _attach_drawn_views if views.store is None else _attach_cached_views
     pipeline = wds.DataPipeline(
@@ -111,18 +119,21 @@ def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
         _read_samples,
         attach_views(views),
         wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 4, seed=int(
-            np.random.SeedSequence([views.seed, views.epoch, rank]).generate_state(1)[0])),
+            np.random.SeedSequence([views.order_seed, views.epoch, rank]).generate_state(1)[0])),
         _decode_and_crop(image_size),
         wds.batched(min(batch_size, WORKER_CHUNK), collation_fn=default_collate, partial=True),
     )
     steps = epoch_steps(sum(s.stop - s.start for s in shards), views.views_per_decode,
-                        batch_size, world_size)
-    return EpochBatches(_loader(pipeline, workers, pin_memory), batch_size, steps)
+                        batch_size, world_size, drop_last=drop_last)
+    return EpochBatches(_loader(pipeline, workers, pin_memory), batch_size, steps, drop_last)
 
 
-def epoch_steps(rows: int, views_per_decode: int, batch_size: int, world_size: int) -> int:
-    """Optimizer steps per epoch on every rank: ceil(ceil(N / W) * m / B)."""
-    return _ceil_div(_ceil_div(rows, world_size) * views_per_decode, batch_size)
+def epoch_steps(rows: int, views_per_decode: int, batch_size: int, world_size: int, *,
+                drop_last: bool = False) -> int:
+    """Optimizer steps per epoch on every rank, B the rank's batch: ceil(ceil(N / W) * m / B),
+    or floor(ceil(N / W) * m / B) with `drop_last`."""
+    samples = _ceil_div(rows, world_size) * views_per_decode
+    return samples // batch_size if drop_last else _ceil_div(samples, batch_size)
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:
@@ -151,10 +162,12 @@ def rank_segments(shards: list[Shard], rank: int, world_size: int) -> list[Segme
 
 class EpochBatches:
     """The batches of one epoch: workers send small chunks, cut here into exact batches so
-    the count is known in advance (`len`) and equal on every rank."""
+    the count is known in advance (`len`) and equal on every rank; the short last batch is
+    dropped with `drop_last`."""
 
-    def __init__(self, loader: DataLoader, batch_size: int, steps: int):
+    def __init__(self, loader: DataLoader, batch_size: int, steps: int, drop_last: bool = False):
         self.loader, self.batch_size, self.steps = loader, batch_size, steps
+        self.drop_last = drop_last
 
     def __len__(self) -> int:
         return self.steps
@@ -169,7 +182,7 @@ class EpochBatches:
                 yield {key: value[:self.batch_size] for key, value in merged.items()}
                 count -= self.batch_size
                 pending = [{key: value[self.batch_size:] for key, value in merged.items()}]
-        if count:
+        if count and not self.drop_last:
             yield _concat(pending)
 
 

@@ -1,16 +1,16 @@
 """The one training loop, shared by teachers and students.
 
-SGD with momentum and weight decay, linear warm-up then cosine (per step), the objective from
-pipeline.losses, validation every epoch, a checkpoint every epoch (model, optimizer,
-scheduler, epoch, params, dataset fingerprint) and resume from it after a crash, a progress
-bar, and per-epoch metrics and plots through dvclive. On CUDA: bf16 autocast, channels_last,
-pinned memory and non-blocking copies; on CPU it runs as is.
+SGD with momentum and weight decay, linear warm-up then cosine (per step, or per epoch as the
+official DKL script), the objective from pipeline.losses, validation every epoch (and the test
+split too when asked), a checkpoint every epoch (model, optimizer, scheduler, epoch, params,
+dataset fingerprint, the GI prior of the previous epoch) and resume from it after a crash, a
+progress bar, and per-epoch metrics and plots through dvclive. On CUDA: bf16 autocast unless
+`precision: fp32`, channels_last, pinned memory and non-blocking copies; on CPU it runs as is.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,12 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline.augment import normalize
+from pipeline.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipeline.distributed import Distributed, distributed
 from pipeline.evaluate import predict, top_k_accuracy
-from pipeline.losses import DistillationObjective
+from pipeline.losses import DistillationObjective, PreviousEpochPrior
 from pipeline.params import TrainParams
 
-CHECKPOINT = "checkpoint.pt"
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one syncs the GPU)
 
 # (batch, images on the device, normalised) -> (teacher logits (B, C) or None,
@@ -48,6 +48,9 @@ class TrainRun:
     steps_per_epoch: int
     identity: dict  # params + dataset fingerprint: a checkpoint resumes only if they match
     teacher_targets: TeacherTargets | None = None
+    # GI weights from the previous epoch's teacher outputs (student.ikl.prior: previous_epoch)
+    class_prior: PreviousEpochPrior | None = None
+    test_batches: Callable[[], Iterable[dict]] | None = None  # set: log test/top1 per epoch
     description: str = "train"
 
 
@@ -63,12 +66,10 @@ def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Pa
     settings = run.settings
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
-    total_steps = settings.epochs * run.steps_per_epoch
-    warmup_steps = settings.warmup_epochs * run.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _warmup_cosine(step, warmup_steps, total_steps))
+        optimizer, lambda step: lr_factor(settings, step, run.steps_per_epoch))
     checkpoint_path = Path(out_dir) / CHECKPOINT
-    start_epoch, metrics = _resume(checkpoint_path, run.identity, model, optimizer, scheduler)
+    start_epoch, metrics = _resume(checkpoint_path, run, model, optimizer, scheduler)
     trained = model if ranks.world_size == 1 else DistributedDataParallel(model)
     logger = (Live(str(live_dir), resume=start_epoch > 0, save_dvc_exp=False, dvcyaml=None)
               if ranks.is_main else nullcontext())
@@ -79,27 +80,34 @@ def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Pa
             # after the first epoch would log epoch 2 as step 0 again. The checkpoint knows.
             live.step = start_epoch
         for epoch in range(start_epoch, settings.epochs):
-            sums = _train_epoch(trained, run, epoch, optimizer, scheduler, ranks)
+            sums, last_lr = _train_epoch(trained, run, epoch, optimizer, scheduler, ranks)
+            if run.class_prior is not None:  # all ranks' crops of this epoch -> the next prior
+                run.class_prior.end_epoch(ranks.all_reduce_)
             totals = dict(zip(sums, ranks.sum(list(sums.values()))))
             samples = totals.pop("samples")
             metrics = {f"train/{name}": total / samples for name, total in totals.items()}
-            metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-            metrics.update(validate(model, run.val_batches(), ranks))
+            metrics["train/lr"] = last_lr  # the rate of the epoch's last step
+            metrics.update(validate(model, run.val_batches(), ranks, settings.precision))
+            if run.test_batches is not None:  # the official protocol's number, for comparison
+                test = validate(model, run.test_batches(), ranks, settings.precision)
+                metrics["test/top1"] = test["val/top1"]
             if live:
                 for name, value in metrics.items():
                     live.log_metric(name, value)
                 live.next_step()
                 _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, metrics,
-                                 run.identity)
+                                 {**run.identity, **_prior_state(run)})
             ranks.barrier()  # no rank starts the next epoch before the checkpoint exists
     return metrics
 
 
 def _train_epoch(model: nn.Module, run: TrainRun, epoch: int, optimizer, scheduler,
-                 ranks: Distributed) -> dict[str, float]:
-    """One epoch on this rank; returns sample-weighted sums of each loss term + `samples`."""
+                 ranks: Distributed) -> tuple[dict[str, float], float]:
+    """One epoch on this rank; returns sample-weighted sums of each loss term + `samples`, and
+    the learning rate of the epoch's last step."""
     cuda = ranks.device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    autocast = _autocast(ranks.device, run.settings.precision)
+    last_lr = optimizer.param_groups[0]["lr"]
     model.train()
     sums = defaultdict(float)
     batches = tqdm(run.train_batches(epoch), total=run.steps_per_epoch,
@@ -112,11 +120,15 @@ def _train_epoch(model: nn.Module, run: TrainRun, epoch: int, optimizer, schedul
         labels = batch["labels"].to(ranks.device, non_blocking=True)
         teacher_logits, class_weights = (
             run.teacher_targets(batch, images) if run.teacher_targets else (None, None))
+        if run.class_prior is not None:  # (B, C) rows of the previous epoch's prior
+            class_weights = run.class_prior.weights(labels)
+            run.class_prior.observe(teacher_logits, labels)
         with autocast:
             student_logits = model(images)  # (B, C)
         losses = run.objective(student_logits.float(), labels, teacher_logits, class_weights)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        last_lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         # Summed on the device: .item() every step would stall the GPU on each batch.
@@ -125,19 +137,50 @@ def _train_epoch(model: nn.Module, run: TrainRun, epoch: int, optimizer, schedul
         sums["samples"] += len(labels)
         if step % PROGRESS_EVERY == 0:
             batches.set_postfix(loss=f"{float(sums['loss']) / sums['samples']:.3f}")
-    return {name: float(total) for name, total in sums.items()}
+    return {name: float(total) for name, total in sums.items()}, last_lr
 
 
-def validate(model: nn.Module, batches: Iterable[dict], ranks: Distributed) -> dict:
+def _autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA for `precision: bf16`; fp32 (no autocast) otherwise."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def validate(model: nn.Module, batches: Iterable[dict], ranks: Distributed,
+             precision: str = "bf16") -> dict:
     """Top-1/top-5 (%) over this rank's share of the batches, summed over ranks. Runs the
     plain module (not DDP), so ranks with different batch counts never wait on each other."""
-    logits, labels = predict(model, batches, ranks.device)
+    logits, labels = predict(model, batches, ranks.device, precision=precision)
     correct = [0.0, 0.0]
     if len(labels):  # a rank may hold no validation shard
         correct = [top_k_accuracy(logits, labels, k) * len(labels) / 100
                    for k in (1, min(5, logits.shape[1]))]
     top1, top5, count = ranks.sum([*correct, len(labels)])
     return {"val/top1": 100.0 * top1 / count, "val/top5": 100.0 * top5 / count}
+
+
+def lr_factor(settings: TrainParams, step: int, steps_per_epoch: int) -> float:
+    """The LR multiplier at optimizer step `step` (0-based) under `settings.schedule`."""
+    if settings.schedule == "per_epoch":
+        return epoch_lr_factor(step // steps_per_epoch, settings.warmup_epochs, settings.epochs)
+    return _warmup_cosine(step, settings.warmup_epochs * steps_per_epoch,
+                          settings.epochs * steps_per_epoch)
+
+
+def epoch_lr_factor(epoch: int, warmup_epochs: int, epochs: int) -> float:
+    """The official DKL `adjust_learning_rate`, set once per epoch (0-based):
+
+        if epoch < args.warmup_epochs: lr = lr / args.warmup_epochs * (epoch + 1)
+        elif args.cos: lr *= 0.5 * (1. + math.cos(math.pi * (epoch - args.warmup_epochs + 1)
+                                                  / (args.epochs - args.warmup_epochs + 1)))
+
+    For 90 epochs and 10 warm-up: 0.1 .. 1.0 over epochs 0..9, then 0.5 * (1 + cos(pi *
+    (e - 9) / 81)), which starts just below 1 at epoch 10 and never reaches 0."""
+    if epoch < warmup_epochs:
+        return (epoch + 1) / warmup_epochs
+    progress = (epoch - warmup_epochs + 1) / (epochs - warmup_epochs + 1)
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -150,33 +193,28 @@ def _warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, metrics: dict,
                      identity: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "epoch": epoch, "metrics": metrics,
-             **identity}
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)  # a crash mid-save never leaves a torn checkpoint
+    save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "epoch": epoch,
+                           "metrics": metrics, **identity})
 
 
-def _resume(path: Path, identity: dict, model, optimizer, scheduler) -> tuple[int, dict]:
+def _prior_state(run: TrainRun) -> dict:
+    """What a checkpoint keeps of the GI prior: the one the next epoch uses."""
+    return {} if run.class_prior is None else {"class_prior": run.class_prior.state_dict()}
+
+
+def _resume(path: Path, run: TrainRun, model, optimizer, scheduler) -> tuple[int, dict]:
     """The epoch to start from and the last metrics: after the checkpoint's epoch, or 0
     without a matching checkpoint."""
     if not path.is_file():
         return 0, {}
     state = load_checkpoint(path)
-    if any(state.get(key) != value for key, value in identity.items()):
+    if any(state.get(key) != value for key, value in run.identity.items()):
         return 0, {}  # params or data changed since: train from scratch
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if run.class_prior is not None:
+        run.class_prior.load_state_dict(state["class_prior"])
     print(f"resuming {path} after epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, state["metrics"]
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by `fit`, loaded safely (tensors and plain data only)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found; train the model first "
-                                "(dvc repro)")
-    return torch.load(path, map_location="cpu", weights_only=True)

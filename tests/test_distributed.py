@@ -1,6 +1,7 @@
-"""torchrun on CPU (gloo, 2 processes): the dump (with its quantised tail), the row split and
-resuming after a kill."""
+"""torchrun on CPU (gloo, 2 processes): the dump (with its quantised tail), the row split, the
+global batch and resuming after a kill."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -13,9 +14,11 @@ import zarr
 from helpers_stage_one import (TRAIN_ROWS, stage_one_data, teacher_checkpoint,  # noqa: F401
                                write_params_file)
 from pipeline.dump import dump_logits
+from pipeline.params import to_dict
 from pipeline.store import open_store
 from pipeline.stream import ViewSource, rank_segments, split_shards, train_loader
 from pipeline.train import load_checkpoint
+from test_student import stage_one, tiny_params  # noqa: F401 (fixture)
 
 
 def torchrun(*args, ok=True):
@@ -166,3 +169,78 @@ def test_two_rank_training_killed_after_an_epoch_resumes(stage_one_data, tmp_pat
     assert final["epoch"] == reference["epoch"] == 1
     for name, tensor in reference["model"].items():
         assert torch.equal(final["model"][name], tensor), name
+
+
+def run_recorded(tmp_path, name, params, stage_one, ranks):
+    """Train the student of `params` on 1 rank (plain python) or 2 (torchrun); returns
+    (per-rank records of the rows of every step, checkpoint)."""
+    shards_dir, _, checkpoint, store_path = stage_one
+    raw = json.loads(json.dumps(to_dict(params)))  # tuples -> lists, for YAML
+    params_file = write_params_file(tmp_path / f"{name}.yaml", raw)
+    records = tmp_path / f"{name}_rows"
+    records.mkdir()
+    args = ["tests/record_training_rows.py", records, "stages/train_student.py", "--params",
+            params_file, "--shards", shards_dir, "--store", store_path, "--teacher-checkpoint",
+            checkpoint, "--out", tmp_path / name, "--live", tmp_path / f"{name}_live"]
+    if ranks == 2:
+        torchrun(*args)
+    else:
+        result = subprocess.run([sys.executable, *map(str, args)], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-6000:]
+    found = [json.loads(path.read_text()) for path in sorted(records.glob("rank*.json"))]
+    assert len(found) == ranks
+    return found, load_checkpoint(tmp_path / name / "checkpoint.pt")
+
+
+def rows_per_epoch(records):
+    """Per epoch: the sorted rows all ranks trained on, and each rank's steps."""
+    epochs = len(records[0]["epochs"])
+    rows = [sorted(row for record in records for step in record["epochs"][epoch]
+                   for row in step) for epoch in range(epochs)]
+    steps = [[len(record["epochs"][epoch]) for record in records] for epoch in range(epochs)]
+    return rows, steps
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_one_rank_and_two_ranks_take_the_same_steps_on_the_same_rows(stage_one, tmp_path,
+                                                                     drop_last):
+    """batch_size is the global batch: 32 on one rank = 16 + 16 on two. 86 rows: ceil(86/32) =
+    ceil(43/16) = 3 steps, or 2 with drop_last (floor of both). Student IKL with the previous
+    epoch's GI prior, which is all-reduced over the ranks."""
+    params = tiny_params(loss="ikl", epochs=2, batch_size=32, drop_last=drop_last, ikl={
+        "weights": "class_prior", "prior": "previous_epoch", "weight_temperature": 1.0})
+    one, one_state = run_recorded(tmp_path, "one", params, stage_one, ranks=1)
+    two, two_state = run_recorded(tmp_path, "two", params, stage_one, ranks=2)
+    steps = 2 if drop_last else 3
+    assert one[0]["steps_per_epoch"] == two[0]["steps_per_epoch"] == two[1]["steps_per_epoch"]
+    assert one[0]["steps_per_epoch"] == steps
+    one_rows, one_steps = rows_per_epoch(one)
+    two_rows, two_steps = rows_per_epoch(two)
+    assert one_steps == [[steps]] * 2 and two_steps == [[steps, steps]] * 2
+    sizes = lambda record: [len(step) for step in record["epochs"][0]]  # noqa: E731
+    assert sizes(one[0]) == ([32, 32] if drop_last else [32, 32, 22])
+    assert sizes(two[0]) == sizes(two[1]) == ([16, 16] if drop_last else [16, 16, 11])
+    assert one_state["scheduler"]["last_epoch"] == two_state["scheduler"]["last_epoch"] == 2 * steps
+    for epoch in range(2):
+        if drop_last:  # 64 of the 86 rows, once each; which 22 are dropped depends on the split
+            assert len(one_rows[epoch]) == len(two_rows[epoch]) == 64
+            assert len(set(one_rows[epoch])) == len(set(two_rows[epoch])) == 64
+        else:  # every row exactly once, on one rank as on two
+            assert one_rows[epoch] == two_rows[epoch] == list(range(86))
+    if not drop_last:  # the same crops seen: the prior summed over both ranks is the same
+        torch.testing.assert_close(two_state["class_prior"]["prior"],
+                                   one_state["class_prior"]["prior"], rtol=0, atol=1e-6)
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(stage_one, tmp_path):
+    params = tiny_params(loss="kl", batch_size=33)
+    raw = json.loads(json.dumps(to_dict(params)))
+    shards_dir, _, checkpoint, store_path = stage_one
+    result = torchrun("stages/train_student.py", "--params",
+                      write_params_file(tmp_path / "p.yaml", raw), "--shards", shards_dir,
+                      "--store", store_path, "--teacher-checkpoint", checkpoint,
+                      "--out", tmp_path / "s", "--live", tmp_path / "live", ok=False)
+    assert result.returncode != 0
+    assert ("Error: student.batch_size: 33 does not split evenly over 2 ranks"
+            in result.stdout + result.stderr)

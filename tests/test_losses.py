@@ -38,26 +38,34 @@ def reference_kl(student_logits, teacher_logits, temperature):
 
 
 def reference_wmse(student_logits, teacher_logits, weights, normalize):
-    """1/4 sum_{j,k} w_j w_k ((t_j - t_k) - (s_j - s_k))^2 with explicit (B, C, C) matrices."""
+    """The official `loss_mse` with explicit (B, C, C) matrices: 1/4 sum_b sum_{j,k} w_j w_k
+    ((t_j - t_k) - (s_j - s_k))^2, divided by B (IKL, DKLv1) or by the batch total
+    sum_b sum_{j,k} w_j w_k (GKL, DKLv2: `... .sum() / p_n.sum()`)."""
     teacher = teacher_logits.detach()
-    teacher_gaps = teacher[:, :, None] - teacher[:, None, :]  # (B, C, C)
-    student_gaps = student_logits[:, :, None] - student_logits[:, None, :]  # (B, C, C)
-    pair_weights = weights[:, :, None] * weights[:, None, :]  # (B, C, C)
-    per_sample = 0.25 * (pair_weights * (teacher_gaps - student_gaps) ** 2).sum((1, 2))
-    if normalize:
-        per_sample = per_sample / pair_weights.sum((1, 2))
-    return per_sample.mean()
+    teacher_gaps = teacher[:, :, None] - teacher[:, None, :]  # (B, C, C) delta_n
+    student_gaps = student_logits[:, :, None] - student_logits[:, None, :]  # (B, C, C) delta_a
+    pair_weights = weights[:, :, None] * weights[:, None, :]  # (B, C, C) p_n
+    total = 0.25 * (pair_weights * (teacher_gaps - student_gaps) ** 2).sum()
+    return total / (pair_weights.sum() if normalize else student_logits.shape[0])
+
+
+def reference_soft_ce(student_logits, teacher_logits, temperature):
+    """The official `loss_sce`: -sum_j softmax(t/T)_j log_softmax(s/T)_j, batch mean, no T^2."""
+    teacher_probs = torch.softmax(teacher_logits.detach() / temperature, dim=-1)
+    return -(teacher_probs * F.log_softmax(student_logits / temperature, dim=-1)).sum(1).mean()
 
 
 def reference_ikl(student_logits, teacher_logits, *, alpha, beta, temperature,
                   weight_temperature, class_weights, gamma, normalize):
+    """The official `dkl_loss` (DKLv2 form, gamma on either weight): beta * loss_mse +
+    alpha * loss_sce."""
     teacher = teacher_logits.detach()
     if class_weights is None:
         weights = torch.softmax(teacher / weight_temperature, dim=1)
     else:
         weights = class_weights
     weights = weights.detach() ** gamma
-    return alpha * reference_kl(student_logits, teacher, temperature) + beta * reference_wmse(
+    return alpha * reference_soft_ce(student_logits, teacher, temperature) + beta * reference_wmse(
         student_logits, teacher, weights, normalize
     )
 
@@ -129,24 +137,40 @@ def test_kl_matches_reference(dtype, temperature):
     assert relative_error(grad, expected_grad) < TOLERANCE[dtype]
 
 
-def test_soft_label_ce_gradient_is_kl_gradient():
-    # Value convention: the KL part of IKL is soft-label CE minus the teacher entropy; the
-    # entropy has no student gradient, so the soft-label CE gradient must match.
+def test_soft_term_has_no_temperature_squared_and_logs_the_official_value():
+    # IKL's soft term is the official soft-label CE: no T^2 (KL-KD keeps it), so at T = 4 its
+    # gradient is 1/16 of KL-KD's; the logged value is the CE, the KL part is CE - H(p_t).
     student, teacher = make_logits(torch.float64)
-    temperature = 2.0
-
-    def soft_label_ce(s, t):
-        teacher_probs = torch.softmax(t / temperature, dim=1)
-        cross_entropy = -(teacher_probs * F.log_softmax(s / temperature, dim=1)).sum(1)
-        return cross_entropy.mean() * temperature**2
-
+    temperature = 4.0
     loss = lambda s, t: ikl_kd_loss(s, t, alpha=1.0, beta=0.0, temperature=temperature)  # noqa
     value, grad = value_and_grad(loss, student, teacher)
-    ce_value, ce_grad = value_and_grad(soft_label_ce, student, teacher)
+    kl_value, kl_grad = value_and_grad(
+        lambda s, t: kl_kd_loss(s, t, temperature=temperature), student, teacher)
+    assert relative_error(grad * temperature**2, kl_grad) < 1e-12
     teacher_probs = torch.softmax(teacher / temperature, dim=1)
-    entropy = -(teacher_probs * teacher_probs.log()).sum(1).mean() * temperature**2
-    assert torch.allclose(value + entropy, ce_value, rtol=1e-12)
-    assert relative_error(grad, ce_grad) < 1e-12
+    entropy = -(teacher_probs * teacher_probs.log()).sum(1).mean()
+    terms = ikl_kd_terms(student, teacher, alpha=1.0, beta=0.0, temperature=temperature)
+    assert torch.allclose(terms.soft_ce, reference_soft_ce(student, teacher, temperature),
+                          rtol=1e-12)
+    assert torch.allclose(value, terms.soft_ce, rtol=1e-15)
+    assert torch.allclose(terms.kl, terms.soft_ce - entropy, rtol=1e-12)
+    assert torch.allclose(terms.kl * temperature**2, kl_value, rtol=1e-12)
+
+
+def test_generalised_normaliser_is_the_batch_total():
+    # GKL divides the batch's double sum by its total pair weight sum_b S_b^2, not each sample
+    # by its own S_b^2: with rows of different total weight the two differ.
+    student, teacher = make_logits(torch.float64)
+    weights = make_class_weights(torch.float64) * torch.linspace(0.2, 3.0, BATCH)[:, None]
+    options = dict(alpha=0.0, beta=1.0, class_weights=weights, normalize=True)
+    wmse = ikl_kd_terms(student, teacher, **options).wmse
+    pairs = weights[:, :, None] * weights[:, None, :]  # (B, C, C)
+    gaps = (teacher - student)[:, :, None] - (teacher - student)[:, None, :]
+    per_sample = 0.25 * (pairs * gaps**2).sum((1, 2))  # (B,)
+    assert torch.allclose(wmse, per_sample.sum() / pairs.sum(), rtol=1e-12)
+    assert not torch.allclose(wmse, (per_sample / pairs.sum((1, 2))).mean(), rtol=1e-3)
+    # sum_{j,k} w_j w_k = S^2 per sample (the closed form's normaliser)
+    assert torch.allclose(pairs.sum(), weights.sum(1).square().sum(), rtol=1e-12)
 
 
 def test_wmse_zero_when_student_is_teacher_plus_row_constant():
@@ -154,19 +178,20 @@ def test_wmse_zero_when_student_is_teacher_plus_row_constant():
     shifted = (teacher + torch.randn(BATCH, 1, dtype=torch.float64) * 50).requires_grad_(True)
     for normalize in (False, True):
         options = dict(alpha=0.0, beta=1.0, weight_temperature=2.0, normalize=normalize)
-        total, _, wmse = ikl_kd_terms(shifted, teacher, **options)
+        total, _, _, wmse = ikl_kd_terms(shifted, teacher, **options)
         (grad,) = torch.autograd.grad(total, shifted)
         # zero up to the rounding of the shift itself (|t + c| ~ 50, float64 eps ~ 1e-16)
         assert wmse.abs() < 1e-20 and grad.abs().max() < 1e-12
-        assert ikl_kd_terms(student, teacher, **options)[2] > 0
+        assert ikl_kd_terms(student, teacher, **options).wmse > 0
 
 
 def test_terms_are_detached_and_sum_to_total():
     student, teacher = make_logits(torch.float64)
     student.requires_grad_(True)
-    total, kl, wmse = ikl_kd_terms(student, teacher, alpha=2.0, beta=3.0)
-    assert total.requires_grad and not kl.requires_grad and not wmse.requires_grad
-    assert torch.allclose(total, 2.0 * kl + 3.0 * wmse, rtol=1e-15)
+    total, soft_ce, kl, wmse = ikl_kd_terms(student, teacher, alpha=2.0, beta=3.0)
+    assert total.requires_grad
+    assert not (soft_ce.requires_grad or kl.requires_grad or wmse.requires_grad)
+    assert torch.allclose(total, 2.0 * soft_ce + 3.0 * wmse, rtol=1e-15)
     assert torch.allclose(kl, kl_kd_loss(student, teacher, temperature=1.0), rtol=1e-12)
     with torch.no_grad():  # no gradient needed: same value
         assert torch.equal(ikl_kd_loss(student, teacher, alpha=2.0, beta=3.0), total.detach())
@@ -369,7 +394,7 @@ def test_registry_builds_each_loss_and_rejects_unknown():
         student, teacher, alpha=3.0, beta=4.0
     )
     assert torch.allclose(terms["loss"], expected)
-    assert set(terms) == {"loss", "ce", "kd", "kd_kl", "kd_wmse"}
+    assert set(terms) == {"loss", "ce", "kd", "kd_soft_ce", "kd_kl", "kd_wmse"}
     assert terms["loss"].requires_grad and not terms["kd_wmse"].requires_grad
 
     with pytest.raises(ValueError, match="ce, ikl, kl"):

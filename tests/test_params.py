@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from pipeline.params import Params, ParamsError, load_params, parse
+from pipeline.params import Params, ParamsError, check_consistency, load_params, parse
 
 
 def write(tmp_path, text):
@@ -40,7 +40,12 @@ def test_defaults_fill_missing_sections():
      "student.ikl.weight_temperature: 3 has no stored class prior"),
     ("data: 5", "data: expected a mapping, got 5"),
     ("student: {online_teacher: true, ikl: {weights: class_prior, weight_temperature: 1}}",
-     "student.online_teacher: the live teacher gives sample-wise IKL weights only"),
+     "student.online_teacher: the live teacher has no stored GI prior"),
+    ("student: {seed: -1}", "student.seed: expected an integer >= 0, got -1"),
+    ("student: {ikl: {prior: epoch}}", "student.ikl.prior: expected a string (one of store"),
+    ("teachers: {t: {schedule: cosine}}\nstudent: {teacher: t}",
+     "teachers.t.schedule: expected a string (one of per_step, per_epoch)"),
+    ("student: {precision: fp16}", "student.precision: expected a string (one of bf16, fp32)"),
     ("logits: {views: 2}\nstudent: {views_per_decode: 3}",
      "student.views_per_decode: 3 exceeds the 2 cached views"),
 ])
@@ -49,6 +54,24 @@ def test_bad_params_name_the_key(tmp_path, text, message):
         load_params(write(tmp_path, text))
     assert str(error.value).startswith(message)
     assert "\n" not in str(error.value)
+
+
+def test_new_keys_parse_with_their_defaults():
+    params = parse(Params, {}, "")
+    student = params.student
+    assert (student.seed, student.drop_last, student.schedule, student.precision) == (
+        None, True, "per_step", "bf16")
+    assert student.ikl.prior == "store" and params.evaluate.every_epoch_on_test is False
+    params = parse(Params, yaml.safe_load(
+        "student: {seed: 7, drop_last: false, schedule: per_epoch, precision: fp32, "
+        "ikl: {prior: previous_epoch}}\nevaluate: {every_epoch_on_test: true}"), "")
+    assert (params.student.seed, params.student.drop_last, params.student.schedule,
+            params.student.precision, params.student.ikl.prior) == (
+        7, False, "per_epoch", "fp32", "previous_epoch")
+    # The previous epoch's prior needs no stored prior, and works with a live teacher.
+    check_consistency(parse(Params, yaml.safe_load(
+        "student: {online_teacher: true, ikl: {weights: class_prior, weight_temperature: 3, "
+        "prior: previous_epoch}}"), ""))
 
 
 def test_missing_params_file(tmp_path):

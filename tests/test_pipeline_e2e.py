@@ -32,7 +32,8 @@ TINY_PARAMS = {
     "logits": {"views": 2, "topk": 5, "tail": "quantized", "image_size": 16, "batch_size": 64,
                "prior_temperatures": [1.0, 100.0]},
     "student": {**TRAIN, "teacher": "teacher", "loss": "ikl"},
-    "evaluate": {"batch_size": 256},
+    # every key a stage lists in dvc.yaml must be in the params file (DVC refuses otherwise)
+    "evaluate": {"batch_size": 256, "every_epoch_on_test": False},
 }
 ALL_STAGES = {"prepare", "train_teacher@teacher", "train_teacher@baseline",
               "dump_logits@teacher", "dump_logits@baseline", "train_student",

@@ -4,59 +4,113 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.distill import student_objective
 from pipeline.params import Params, check_consistency, parse
-from pipeline.presets import (BASE_PARAMS, IMAGENET_LT_ROWS, apply_overrides,
-                              exp_run_command)
+from pipeline.presets import (BASE_PARAMS, IMAGENET_LT_ROWS, OFFICIAL_REPOSITORY,
+                              apply_overrides, exp_run_command)
+
+X101 = "resnext101_32x4d"
+# Every script of the official repository's sh/Distill that trains on ImageNet-LT: its flags
+# (-a/--arch, --teacher_arch, --distill_loss, --distill_w or --alpha/--beta, GKL's --gamma 0.3
+# --T2 1.0 --GI), the paper's top-1 and the official README's top-1 (None: not reported).
+V1, V2 = "DKLv1/Imbalanced_KD-dkl/sh/Distill/", "DKLv2/Imbalanced_KD-dkl/sh/Distill/"
+OFFICIAL = {  # name: (script, teacher, student, loss, weight or alpha, beta, paper, README)
+    "ce-r18": (V1 + "ImageNetLT_train_R18_baseline.sh", None, "resnet18", "ce", None, None,
+               41.150, 41.150),
+    "ce-r50": (V1 + "ImageNetLT_train_R50_baseline.sh", None, "resnet50", "ce", None, None,
+               45.476, 45.476),
+    "ce-x101": (V1 + "ImageNetLT_train_X101_baseline.sh", None, X101, "ce", None, None,
+                48.024, 48.024),
+    "kl-x101-r18": (V1 + "ImageNetLT_train_X101R18_distill.sh", X101, "resnet18", "kl", 4.0,
+                    None, 43.974, 44.318),
+    "kl-x101-r50": (V1 + "ImageNetLT_train_X101R50_distill.sh", X101, "resnet50", "kl", 3.0,
+                    None, 48.310, 48.310),
+    "kl-r50-r50": (V1 + "ImageNetLT_train_R50R50_distill.sh", "resnet50", "resnet50", "kl",
+                   1.0, None, 47.036, 47.036),
+    "kl-r18-r18": (V1 + "ImageNetLT_train_R18R18_distill.sh", "resnet18", "resnet18", "kl",
+                   4.0, None, None, 42.732),
+    "ikl-x101-r18": (V1 + "ImageNetLT_train_X101R18_distill_dkl.sh", X101, "resnet18", "ikl",
+                     4.0, 4.0, 44.880, 45.208),
+    "ikl-x101-r50": (V1 + "ImageNetLT_train_X101R50_distill_dkl.sh", X101, "resnet50", "ikl",
+                     3.0, 4.0, 49.224, 49.224),
+    "ikl-r50-r50": (V1 + "ImageNetLT_train_R50R50_distill_dkl.sh", "resnet50", "resnet50",
+                    "ikl", 1.0, 1.0, 47.504, 47.504),
+    "ikl-r18-r18": (V1 + "ImageNetLT_train_R18R18_distill_dkl.sh", "resnet18", "resnet18",
+                    "ikl", 1.0, 0.5, None, 43.062),
+    "gkl-x101-r18": (V2 + "ImageNetLT_train_X101R18_distill_dkl.sh", X101, "resnet18", "gkl",
+                     4.0, 4.0, None, 45.40),
+    "gkl-x101-r50": (V2 + "ImageNetLT_train_X101R50_distill_dkl.sh", X101, "resnet50", "gkl",
+                     3.0, 4.0, None, 49.40),
+    "gkl-r50-r50": (V2 + "ImageNetLT_train_R50R50_distill_dkl.sh", "resnet50", "resnet50",
+                    "gkl", 1.0, 1.0, None, None),
+}
+
+
+def base_raw():
+    return yaml.safe_load(BASE_PARAMS.read_text())
 
 
 def load_row(name):
-    raw = yaml.safe_load(BASE_PARAMS.read_text())
-    return check_consistency(parse(Params, apply_overrides(raw, IMAGENET_LT_ROWS[name][1]), ""))
+    return check_consistency(parse(Params, apply_overrides(base_raw(),
+                                                           IMAGENET_LT_ROWS[name].overrides), ""))
 
 
-def test_base_preset_has_the_papers_shared_settings():
-    params = check_consistency(parse(Params, yaml.safe_load(BASE_PARAMS.read_text()), ""))
+def test_base_preset_has_the_official_shared_settings():
+    params = check_consistency(parse(Params, base_raw(), ""))
     assert set(params.teachers) == {"resnext101_32x4d", "resnet50", "resnet18"}
     for settings in (*params.teachers.values(), params.student):
         assert (settings.lr, settings.batch_size, settings.momentum, settings.weight_decay,
                 settings.epochs, settings.warmup_epochs, settings.image_size) == (
                     0.05, 128, 0.9, 5e-4, 90, 10, 224)
+        # -b 128 is the global batch; DataLoader(drop_last=True); adjust_learning_rate per
+        # epoch; no --fp16 in any script
+        assert (settings.drop_last, settings.schedule, settings.precision) == (
+            True, "per_epoch", "fp32")
     assert params.augment.crop_scale == (0.08, 1.0) and params.augment.flip_probability == 0.5
+    assert params.student.seed is None and params.evaluate.every_epoch_on_test is False
 
 
-def test_every_row_is_valid_and_matches_the_paper():
-    expected = {  # name: (teacher, student, loss, alpha or kl weight, beta)
-        "kl-x101-r18": ("resnext101_32x4d", "resnet18", "kl", 4.0, None),
-        "kl-x101-r50": ("resnext101_32x4d", "resnet50", "kl", 3.0, None),
-        "kl-r50-r50": ("resnet50", "resnet50", "kl", 1.0, None),
-        "ikl-x101-r18": ("resnext101_32x4d", "resnet18", "ikl", 4.0, 4.0),
-        "ikl-x101-r50": ("resnext101_32x4d", "resnet50", "ikl", 3.0, 4.0),
-        "ikl-r50-r50": ("resnet50", "resnet50", "ikl", 1.0, 1.0),
-        "ikl-r18-r18": ("resnet18", "resnet18", "ikl", 1.0, 0.5),
-        "ikl-gi-x101-r18": ("resnext101_32x4d", "resnet18", "ikl", 4.0, 4.0),
-        "ikl-gi-x101-r50": ("resnext101_32x4d", "resnet50", "ikl", 3.0, 4.0),
-    }
-    assert set(expected) == set(IMAGENET_LT_ROWS)
-    for name, (teacher, arch, loss, first, beta) in expected.items():
+def test_every_official_script_has_a_row_with_its_settings():
+    assert set(OFFICIAL) == set(IMAGENET_LT_ROWS)
+    assert len({script for script, *_ in OFFICIAL.values()}) == len(OFFICIAL)
+    for name, (script, teacher, arch, loss, first, beta, paper, readme) in OFFICIAL.items():
+        row = IMAGENET_LT_ROWS[name]
+        assert (row.script, row.paper_top1, row.readme_top1) == (script, paper, readme), name
+        if loss == "ce":
+            assert row.baseline == arch and not row.overrides
+            assert load_row(name).teachers[arch].arch == arch
+            continue
         student = load_row(name).student
         objective = student_objective(student)
         assert objective.needs_teacher
-        assert objective.needs_class_prior == name.startswith("ikl-gi")
-        assert (student.teacher, student.arch, student.loss) == (teacher, arch, loss)
+        assert (student.teacher, student.arch) == (teacher, arch), name
+        assert student.loss == ("kl" if loss == "kl" else "ikl"), name
         if loss == "kl":
-            assert student.kl.weight == first and student.kl.temperature == 1.0
-        else:
-            assert (student.ikl.alpha, student.ikl.beta) == (first, beta)
-            gi = name.startswith("ikl-gi")
-            assert student.ikl.weights == ("class_prior" if gi else "sample")
-            assert student.ikl.weight_temperature == (1.0 if gi else 100.0)
-            assert (student.ikl.gamma, student.ikl.normalize) == ((0.3, True) if gi
-                                                                   else (1.0, False))
+            assert (student.kl.weight, student.kl.temperature) == (first, 1.0), name
+            continue
+        ikl = student.ikl
+        assert (ikl.alpha, ikl.beta, ikl.temperature) == (first, beta, 1.0), name
+        assert objective.needs_class_prior == (loss == "gkl"), name
+        if loss == "ikl":  # DKLv1 defaults: sample-wise weights, --T2 100, no gamma
+            assert (ikl.weights, ikl.weight_temperature, ikl.gamma, ikl.normalize) == (
+                "sample", 100.0, 1.0, False), name
+        else:  # --gamma 0.3 --T2 1.0 --GI: the previous epoch's prior, batch-total normaliser
+            assert (ikl.weights, ikl.prior, ikl.weight_temperature, ikl.gamma,
+                    ikl.normalize) == ("class_prior", "previous_epoch", 1.0, 0.3, True), name
 
 
-def test_exp_run_commands_are_printed():
+def test_presets_prints_a_row_for_every_official_script():
     assert exp_run_command("ikl-r50-r50") == (
         "dvc exp run -n ikl-r50-r50 -S student.teacher=resnet50 -S student.arch=resnet50 "
         "-S student.loss=ikl -S student.ikl.alpha=1.0 -S student.ikl.beta=1.0")
+    assert exp_run_command("ce-x101") == "dvc repro evaluate_teacher@resnext101_32x4d"
     result = CliRunner().invoke(cli, ["presets"])
     assert result.exit_code == 0
-    assert "paper top-1 49.22%" in result.output and "-S student.ikl.normalize=true" in result.output
+    lines = result.output.splitlines()
+    for name, (script, *_, paper, readme) in OFFICIAL.items():
+        described = [line for line in lines if line.startswith(f"# {name}: ")]
+        assert len(described) == 1, name
+        assert f"{OFFICIAL_REPOSITORY}/{script}" in described[0]
+        assert f"paper top-1 {'-' if paper is None else f'{paper:.3f}%'}" in described[0]
+        assert f"official README top-1 {'-' if readme is None else f'{readme:.3f}%'}" in (
+            described[0])
+        assert lines[lines.index(described[0]) + 1] == exp_run_command(name)
+    assert "-S student.ikl.prior=previous_epoch" in result.output

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+import pipeline.distill
+
 from pipeline.augment import normalize
 from pipeline.distill import (CachedTeacher, OnlineTeacher, _run, crop_spec, load_model,
                               student_objective, train_student, train_teacher)
 from pipeline.dump import dump_logits
+from pipeline.losses import PreviousEpochPrior, expand_topk
 from pipeline.params import Params, ParamsError, check_consistency, parse, to_dict
 from pipeline.shards import file_sha256
 from pipeline.store import StoreMismatchError, open_store
@@ -167,14 +170,19 @@ def read_metrics(live_dir) -> dict:
     return json.loads((Path(live_dir) / "metrics.json").read_text())
 
 
+IKL_TERMS = {"kd", "kd_soft_ce", "kd_kl", "kd_wmse"}
+
+
 @pytest.mark.parametrize("student, kd_terms", [
     ({"loss": "ce"}, set()),
     ({"loss": "kl"}, {"kd"}),
-    ({"loss": "ikl", "ikl": {"weights": "sample"}}, {"kd", "kd_kl", "kd_wmse"}),
-    ({"loss": "ikl", "ikl": {"weights": "class_prior"}}, {"kd", "kd_kl", "kd_wmse"}),
-    ({"loss": "ikl", "online_teacher": True}, {"kd", "kd_kl", "kd_wmse"}),
+    ({"loss": "ikl", "ikl": {"weights": "sample"}}, IKL_TERMS),
+    ({"loss": "ikl", "ikl": {"weights": "class_prior"}}, IKL_TERMS),
+    ({"loss": "ikl", "ikl": {"weights": "class_prior", "prior": "previous_epoch"}}, IKL_TERMS),
+    ({"loss": "ikl", "online_teacher": True}, IKL_TERMS),
     ({"loss": "kl", "views_per_decode": 2}, {"kd"}),
-], ids=["ce", "kl", "ikl-sample", "ikl-class_prior", "ikl-online", "kl-two-views"])
+], ids=["ce", "kl", "ikl-sample", "ikl-class_prior", "ikl-previous-epoch-prior", "ikl-online",
+        "kl-two-views"])
 def test_train_student_one_epoch_writes_checkpoint_and_metrics(stage_one, tmp_path, student,
                                                                kd_terms):
     shards_dir, manifest, checkpoint, store_path = stage_one
@@ -236,16 +244,19 @@ def test_online_teacher_with_class_prior_weights_is_refused_before_training():
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_steps_per_epoch_is_exact_with_any_number_of_workers(stage_one, workers):
+@pytest.mark.parametrize("drop_last, sizes", [(False, [32, 32, 22]), (True, [32, 32])])
+def test_steps_per_epoch_is_exact_with_any_number_of_workers(stage_one, workers, drop_last,
+                                                             sizes):
     shards_dir, manifest, _, _ = stage_one
-    params = tiny_params(loss="ce", workers=workers)
+    params = tiny_params(loss="ce", workers=workers, drop_last=drop_last)
     run = _run(params, params.student, manifest, shards_dir, student_objective(params.student),
-               store=None, description="student")
+               store=None, key="student", description="student")
     # The LR schedule spans epochs * steps_per_epoch: every epoch must take exactly that many.
     for epoch in range(3):
         batches = list(run.train_batches(epoch))
-        assert len(batches) == run.steps_per_epoch == 3  # 86 rows: ceil(86 / 32)
-        assert [len(b["labels"]) for b in batches] == [32, 32, 22]
+        # 86 rows: ceil(86 / 32), or floor(86 / 32) dropping the short last batch
+        assert len(batches) == run.steps_per_epoch == len(sizes)
+        assert [len(b["labels"]) for b in batches] == sizes
 
 
 def test_a_different_store_does_not_resume_the_student(stage_one, tmp_path):
@@ -266,3 +277,76 @@ def test_a_different_store_does_not_resume_the_student(stage_one, tmp_path):
     state = load_checkpoint(Path(out) / CHECKPOINT)
     assert state["targets"]["topk"] == 2 and state["epoch"] == 0
     assert not all(torch.equal(first[k], v) for k, v in state["model"].items())
+
+
+def view_prior(store, view, temperature):
+    """(C, C): per label, the mean of softmax(t / T2) over every row's crop `view`, read from
+    the store directly (k = C: the stored logits are the teacher's, to float16)."""
+    rows = store.read_rows(view, 0, store.rows)
+    logits = expand_topk(torch.from_numpy(rows["topk_logits"]),
+                         torch.from_numpy(rows["topk_classes"].astype(np.int64)),
+                         torch.from_numpy(rows["logsumexp"]), NUM_CLASSES).double()
+    probs = torch.softmax(logits / temperature, dim=1)
+    labels = torch.from_numpy(np.asarray(store.labels[:], dtype=np.int64))
+    return torch.stack([probs[labels == c].mean(0) for c in range(NUM_CLASSES)])
+
+
+def test_previous_epoch_prior_is_uniform_then_last_epochs_class_means(stage_one, tmp_path,
+                                                                     monkeypatch):
+    """Official --GI: epoch 0 weighs with 1/C; epoch 1 with the per-class mean of
+    softmax(t / T2) over epoch 0's crops (view 0 of every row: drop_last off, one rank)."""
+    shards_dir, manifest, checkpoint, store_path = stage_one
+    temperature = 4.0  # not a stored prior temperature: this prior needs none
+    params = tiny_params(loss="ikl", epochs=2, drop_last=False, ikl={
+        "weights": "class_prior", "prior": "previous_epoch", "weight_temperature": temperature,
+        "gamma": 0.3, "normalize": True})
+    used = []  # (labels, prior rows) of every step, in order
+    real_weights = PreviousEpochPrior.weights
+
+    def spy(self, labels):
+        rows = real_weights(self, labels)
+        used.append((labels.clone(), rows.clone()))
+        return rows
+
+    monkeypatch.setattr(PreviousEpochPrior, "weights", spy)
+    train_student(params, shards_dir, store_path, checkpoint, str(tmp_path / "s"),
+                  str(tmp_path / "live"))
+    assert len(used) == 2 * 3  # 2 epochs of ceil(86 / 32) steps
+    for _, rows in used[:3]:
+        assert torch.equal(rows, torch.full_like(rows, 1 / NUM_CLASSES))
+    store = open_store(store_path)
+    epoch_zero = view_prior(store, 0, temperature)
+    assert not torch.allclose(epoch_zero, view_prior(store, 1, temperature), atol=1e-3)
+    for labels, rows in used[3:]:
+        torch.testing.assert_close(rows.double(), epoch_zero[labels], rtol=0, atol=1e-6)
+    # The checkpoint keeps the prior of the next epoch: epoch 1's crops (view 1).
+    saved = load_checkpoint(tmp_path / "s" / CHECKPOINT)["class_prior"]["prior"]
+    torch.testing.assert_close(saved.double(), view_prior(store, 1, temperature), rtol=0,
+                               atol=1e-6)
+
+
+def test_student_seed_sets_initial_weights_and_row_order_but_not_the_views(stage_one, tmp_path,
+                                                                           monkeypatch):
+    shards_dir, manifest, checkpoint, store_path = stage_one
+    started = {}  # student.seed -> (initial weights, epoch 0's batches concatenated)
+
+    def start_only(model, run, out_dir, live_dir):
+        batches = list(run.train_batches(0))
+        started[seed] = (model.state_dict(), {key: torch.cat([b[key] for b in batches])
+                                              for key in batches[0]})
+        return {}
+
+    monkeypatch.setattr(pipeline.distill, "fit", start_only)
+    for seed in (None, SEED, SEED + 5):
+        train_student(tiny_params(loss="kl", seed=seed, drop_last=False), shards_dir,
+                      store_path, checkpoint, str(tmp_path / f"s{seed}"), str(tmp_path / "l"))
+    default, same, other = (started[seed] for seed in (None, SEED, SEED + 5))
+    for name, tensor in default[0].items():  # null: the global seed's weights and order
+        assert torch.equal(same[0][name], tensor), name
+    assert torch.equal(same[1]["rows"], default[1]["rows"])
+    assert any(not torch.equal(other[0][name], t) for name, t in default[0].items())
+    assert not torch.equal(other[1]["rows"], default[1]["rows"])  # another order...
+    by_row = lambda batches: {key: value[batches["rows"].argsort()]  # noqa: E731
+                              for key, value in batches.items()}
+    for key, value in by_row(default[1]).items():  # ... of the same cached crops and logits
+        assert torch.equal(by_row(other[1])[key], value), key

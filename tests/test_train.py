@@ -15,12 +15,13 @@ import pipeline.train
 from helpers_stage_one import (  # noqa: F401 (fixtures)
     TRAIN_ROWS, params_from, stage_one_data, with_changes, write_params_file)
 from pipeline.distill import load_model, train_teacher
-from pipeline.params import to_dict
-from pipeline.train import CHECKPOINT, _warmup_cosine
+from pipeline.evaluate import evaluate_checkpoint
+from pipeline.params import TrainParams, to_dict
+from pipeline.train import CHECKPOINT, _warmup_cosine, epoch_lr_factor, lr_factor
 from stages.train_teacher import main as train_main
 
 EPOCHS, BATCH_SIZE, LR = 2, 8, 0.05  # toy teachers.teacher
-STEPS_PER_EPOCH = math.ceil(TRAIN_ROWS / BATCH_SIZE)  # 4: 8 + 8 + 8 + 2 rows
+STEPS_PER_EPOCH = TRAIN_ROWS // BATCH_SIZE  # 3: 8 + 8 + 8 rows, drop_last drops the last 2
 
 
 class Crashed(Exception):
@@ -105,7 +106,10 @@ def test_checkpoint_holds_model_optimizer_scheduler_epoch_and_identity(stage_one
     assert state["params"] == {"seed": 3, "augment": to_dict(stage_one_data.params.augment),
                                "train": to_dict(stage_one_data.params.teachers["teacher"])}
     assert state["scheduler"]["last_epoch"] == EPOCHS * STEPS_PER_EPOCH
-    assert state["metrics"] == metrics and metrics["train/lr"] == 0.0  # cosine reached zero
+    assert state["metrics"] == metrics
+    last_step = EPOCHS * STEPS_PER_EPOCH - 1  # the rate of the last step, just above zero
+    assert metrics["train/lr"] == pytest.approx(
+        LR * _warmup_cosine(last_step, STEPS_PER_EPOCH, EPOCHS * STEPS_PER_EPOCH))
     assert state["optimizer"]["state"]  # momentum buffers, so a resume continues exactly
     model, _ = load_model(path)
     assert not model.training
@@ -192,15 +196,66 @@ def test_warmup_cosine_schedule_values():
 
 
 def test_fit_applies_the_schedule_per_step(uninterrupted):
-    # lr.tsv logs the rate after each epoch's last step: 1 warm-up epoch of 4 steps, then
-    # the cosine over the remaining 4 steps reaches 0.
+    # lr.tsv logs the rate of each epoch's last step: 1 warm-up epoch of 3 steps, then the
+    # cosine over the remaining 3 steps.
     path, _ = uninterrupted
     log = lr_log(path.parent.parent / "uninterrupted_live")
     assert log[:2] == ["step", "lr"]
+    total = 2 * STEPS_PER_EPOCH
     assert [float(v) for v in log[3::2]] == pytest.approx(
-        [LR * _warmup_cosine(STEPS_PER_EPOCH, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH),
-         LR * _warmup_cosine(2 * STEPS_PER_EPOCH, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH)])
-    assert [float(v) for v in log[3::2]] == pytest.approx([LR, 0.0])
+        [LR * _warmup_cosine(STEPS_PER_EPOCH - 1, STEPS_PER_EPOCH, total),
+         LR * _warmup_cosine(total - 1, STEPS_PER_EPOCH, total)])
+    assert float(log[3]) == pytest.approx(LR)
+
+
+def official_lr(epoch, lr=0.05, warmup=10, epochs=90):
+    """The issue's statement of the official per-epoch rate for 90 epochs, 10 warm-up."""
+    if epoch < warmup:
+        return lr * (epoch + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (epoch - 9) / 81))
+
+
+def test_per_epoch_schedule_is_the_official_one():
+    settings = TrainParams(lr=0.05, epochs=90, warmup_epochs=10, schedule="per_epoch")
+    steps = 7  # any steps per epoch: the rate is constant within an epoch
+    for epoch in (0, 9, 10, 50, 89):
+        for step in (epoch * steps, epoch * steps + steps - 1):
+            assert 0.05 * lr_factor(settings, step, steps) == pytest.approx(
+                official_lr(epoch), rel=1e-12, abs=0), (epoch, step)
+    assert [round(0.05 * epoch_lr_factor(e, 10, 90), 6) for e in (0, 9, 10, 50, 89)] == [
+        0.005, 0.05, round(0.025 * (1 + math.cos(math.pi / 81)), 6),
+        round(0.025 * (1 + math.cos(math.pi * 41 / 81)), 6),
+        round(0.025 * (1 + math.cos(math.pi * 80 / 81)), 6)]
+    assert epoch_lr_factor(89, 10, 90) > 0  # never reaches zero
+    # per_step keeps warming up and decaying within epochs
+    per_step = TrainParams(lr=0.05, epochs=90, warmup_epochs=10)
+    assert lr_factor(per_step, 0, steps) == pytest.approx(1 / 70)
+
+
+def test_fit_sets_the_per_epoch_rate(stage_one_data, tmp_path):
+    raw = with_changes(stage_one_data.raw, "teachers.teacher", schedule="per_epoch")
+    out = tmp_path / "per_epoch"
+    train(stage_one_data, out, params_from(raw))
+    log = [float(v) for v in lr_log(tmp_path / "per_epoch_live")[3::2]]
+    # 2 epochs, 1 warm-up: epoch 0 at lr, epoch 1 at lr * 0.5 * (1 + cos(pi / 2))
+    assert log == pytest.approx([LR, LR * 0.5])
+
+
+def test_every_epoch_on_test_logs_test_top1_as_an_extra_metric(stage_one_data, uninterrupted,
+                                                              tmp_path):
+    raw = with_changes(stage_one_data.raw, "evaluate", every_epoch_on_test=True)
+    out = tmp_path / "tested"
+    metrics = train(stage_one_data, out, params_from(raw))
+    logged = (tmp_path / "tested_live" / "plots" / "metrics" / "test" / "top1.tsv").read_text()
+    assert len(logged.split()) == 2 + 2 * EPOCHS  # header, then one row per epoch
+    # The last epoch's figure is the final model's test top-1, as the evaluate stage reports it
+    report = evaluate_checkpoint(stage_one_data.params.evaluate, str(stage_one_data.shards_dir),
+                                 str(out / CHECKPOINT), str(tmp_path / "m.json"),
+                                 str(tmp_path / "c.csv"))
+    assert metrics["test/top1"] == pytest.approx(report["top1"])
+    # Nothing else changes: the same weights as the run that did not test every epoch.
+    assert_same_tensors(load(out / CHECKPOINT)["model"], load(uninterrupted[0])["model"], "model")
+    assert "test/top1" not in uninterrupted[1]
 
 
 # ---------------------------------------------------------------------------------------------
