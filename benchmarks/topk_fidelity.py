@@ -19,11 +19,9 @@ Teachers (how realistic: the script prints each one's accuracy and logit statist
   (each view replayed from its stored box and flip on the decoded train image), and students:
   the CE baseline of the same workspace (`models/baseline`, an independently trained weaker
   model) and the teacher's logits + N(0, 1).
-- hierarchical, C = 1000: 10 x 10 x 10 classes whose feature means add a superclass, a group and
-  a class term (N(0, I) scaled 1.0, 0.7, 0.5 in 64 dimensions); samples are class mean + N(0, 1.3^2 I),
-  mapped through a fixed random ReLU layer (64 -> 512); the teacher is a linear softmax head
-  trained on 30 samples per class (Adam, 8 epochs), the weaker student a head trained on a
-  different 8 samples per class with half the features. Logits on 4,000 held-out samples.
+- hierarchical, C = 1000: a linear softmax head trained on random ReLU features of samples from
+  a 10 x 10 x 10 class hierarchy, and a weaker head as the second student
+  (`benchmarks/common.hierarchical_logits` says how they are made).
 """
 
 from __future__ import annotations
@@ -41,12 +39,14 @@ import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+from common import hierarchical_logits  # noqa: E402
 from pipeline.augment import apply_view, normalize  # noqa: E402
 from pipeline.distill import load_model  # noqa: E402
 from pipeline.losses import ikl_kd_loss, kl_kd_loss  # noqa: E402
 from pipeline.shards import file_sha256  # noqa: E402
 from pipeline.store import open_store  # noqa: E402
 from pipeline.store.encoding import decode_logits, encode_logits  # noqa: E402
+from pipeline.store.tail import TAIL_FIT_ROWS, fit_tail_basis, tail_components  # noqa: E402
 from pipeline.stream import decode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +61,14 @@ LOSSES = {
 
 
 def through_store(teacher: torch.Tensor, topk: int, tail: str) -> torch.Tensor:
-    """(B, C) teacher logits as a store with this encoding gives them back."""
-    stored = encode_logits(teacher.numpy(), topk, tail)
-    return torch.from_numpy(decode_logits(stored, teacher.shape[1]))
+    """(B, C) teacher logits as a store with this encoding gives them back; the quantised
+    tail's basis fitted as the dump fits it, on (up to) the first TAIL_FIT_ROWS samples."""
+    basis = None
+    if tail == "quantized":
+        log_probs = torch.log_softmax(teacher[:TAIL_FIT_ROWS].double(), dim=1).numpy()
+        basis = fit_tail_basis(log_probs, tail_components(teacher.shape[1]))
+    stored = encode_logits(teacher.numpy(), topk, basis)
+    return torch.from_numpy(decode_logits(stored, teacher.shape[1], basis))
 
 
 def loss_and_gradient(loss, student: torch.Tensor, teacher: torch.Tensor):
@@ -133,43 +138,6 @@ def workspace_logits(workspace: Path):
     return torch.cat(teacher_logits), torch.cat(baseline_logits), labels, gap
 
 
-def hierarchical_logits(seed: int = 0):
-    """Teacher and weaker-student logits (4000, 1000) and labels (module docstring)."""
-    generator = torch.Generator().manual_seed(seed)
-    dims, hidden = 64, 256
-    scales = (1.0, 0.7, 0.5)
-    levels = [torch.randn(10**(i + 1), dims, generator=generator) * s
-              for i, s in enumerate(scales)]
-    classes = torch.arange(1000)
-    means = levels[0][classes // 100] + levels[1][classes // 10] + levels[2][classes]  # (C, d)
-    projection = torch.randn(dims, hidden, generator=generator) / dims**0.5
-
-    def sample(per_class: int):
-        labels = classes.repeat_interleave(per_class)
-        points = means[labels] + 1.3 * torch.randn(len(labels), dims, generator=generator)
-        return torch.relu(points @ projection), labels
-
-    def train_head(features, labels, epochs):
-        head = torch.nn.Linear(features.shape[1], 1000)
-        optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
-        for _ in range(epochs):
-            order = torch.randperm(len(labels), generator=generator)
-            for batch in order.split(1000):
-                loss = torch.nn.functional.cross_entropy(head(features[batch]), labels[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        return head
-
-    teacher_head = train_head(*sample(20), epochs=6)
-    features, labels = sample(8)
-    student_head = train_head(features[:, : hidden // 2], labels, epochs=6)
-    test_features, test_labels = sample(4)
-    with torch.no_grad():
-        return (teacher_head(test_features), student_head(test_features[:, : hidden // 2]),
-                test_labels)
-
-
 def print_table(title: str, students: dict[str, torch.Tensor], teacher: torch.Tensor) -> dict:
     print(f"\n{title}")
     columns = list(GOALS)
@@ -208,7 +176,7 @@ def main() -> None:
     noisy = teacher + torch.randn(teacher.shape, generator=torch.Generator().manual_seed(1))
     tables = [("workspace CNN teacher", {"CE baseline": baseline, "teacher + N(0,1)": noisy},
                teacher)]
-    teacher, weaker, labels = hierarchical_logits()
+    teacher, weaker, labels = hierarchical_logits(1000)
     print(describe("hierarchical linear teacher", teacher, labels))
     print(describe("  its weaker student", weaker, labels))
     noisy = teacher + torch.randn(teacher.shape, generator=torch.Generator().manual_seed(2))
