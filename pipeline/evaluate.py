@@ -87,9 +87,10 @@ def write_report(metrics: dict, per_class: list[dict], class_names: list[str],
 
 def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: str,
                         metrics_file: str, per_class_file: str) -> dict:
-    """Test-split report of one checkpoint, written for DVC; returns the metrics."""
+    """Test-split report of one checkpoint, written for DVC; returns the metrics, with the
+    checkpoint's sha256 (`checkpoint_sha256`) to tie them to the exact file evaluated."""
     from pipeline.distill import load_model
-    from pipeline.shards import load_manifest
+    from pipeline.shards import file_sha256, load_manifest
     from pipeline.stream import eval_loader, split_shards
     from pipeline.distributed import distributed
 
@@ -105,5 +106,6 @@ def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: s
                           batch_size=settings.batch_size, image_size=image_size, workers=0)
     logits, labels = predict(model.to(device), batches, device)
     metrics, per_class = long_tail_report(logits, labels, manifest["train_counts"], settings)
+    metrics["checkpoint_sha256"] = file_sha256(checkpoint)  # which checkpoint these belong to
     write_report(metrics, per_class, manifest["class_names"], metrics_file, per_class_file)
     return metrics

@@ -21,21 +21,27 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, default_collate
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.augment import CropSpec, apply_view, draw_views, eval_view
 from pipeline.errors import UserError
+from pipeline.shards import shard_url
 
 SHUFFLE_BUFFER = 2000  # samples (still encoded): a few shards' worth mixes classes well
 WORKER_CHUNK = 64  # samples a worker sends at once: few transfers, exact batches after
+
+
+class CorruptShardError(UserError):
+    """A tar shard that cannot be read as prepare wrote it; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ def split_shards(shards_dir: str, manifest: dict, split: str) -> list[Shard]:
     """The shards of `split` with their row ranges, in row order."""
     if split not in manifest["splits"]:
         raise UserError(f"{shards_dir}: the dataset has no {split!r} split")
-    return [Shard(f"{shards_dir.rstrip('/')}/{s['file']}", *s["rows"])
+    return [Shard(shard_url(shards_dir, s["file"]), *s["rows"])
             for s in manifest["splits"][split]["shards"]]
 
 
@@ -214,30 +220,49 @@ def read_shard(shard: Shard):
 
 def _read_samples(sources):
     """Stage: the samples of each segment, its tar opened through fsspec (any local path or
-    URL fsspec knows: file://, s3://, gs://, memory://, ...)."""
+    URL fsspec knows: file://, s3://, gs://, memory://, ...). A shard that cannot be read
+    stops the run naming it (CorruptShardError)."""
     for source in sources:
-        segment = source["segment"]
-        with fsspec.open(source["url"], "rb") as stream:
-            files = tar_file_expander([{"url": source["url"], "stream": stream}])
-            for sample in group_by_keys(files):
-                meta = json.loads(sample["json"])
-                if segment.start <= meta["row"] < segment.stop:
-                    sample["meta"], sample["segment"] = meta, segment
-                    yield sample
+        segment, url = source["segment"], source["url"]
+        try:
+            with fsspec.open(url, "rb") as stream:
+                files = tar_file_expander([{"url": url, "stream": stream}])
+                for sample in group_by_keys(files):
+                    meta = json.loads(sample["json"])
+                    if segment.start <= meta["row"] < segment.stop:
+                        sample["meta"], sample["segment"] = meta, segment
+                        yield sample
+        except FileNotFoundError:
+            raise CorruptShardError(f"{url}: shard not found; rerun prepare (dvc repro "
+                                    "prepare)") from None
+        except (tarfile.TarError, ValueError, KeyError, TypeError, EOFError) as error:
+            detail = error.args[0] if error.args else ""  # webdataset appends stream, url
+            raise CorruptShardError(_corrupt(url, f"cannot be read: {type(error).__name__}: "
+                                                  f"{detail}")) from None
+
+
+def _corrupt(url: str, what: str) -> str:
+    return (f"{url}: corrupt shard ({what[:200]}); rerun prepare (dvc repro prepare) to "
+            "rewrite it; `python -m pipeline inspect --verify` checks every shard's sha256")
 
 
 def decode(sample: dict) -> torch.Tensor:
     """The sample's image as (3, H, W) uint8 RGB (PIL: torchvision's decoders are deprecated
     from 0.29)."""
-    with Image.open(io.BytesIO(_image_bytes(sample))) as image:
-        pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
+    try:
+        with Image.open(io.BytesIO(_image_bytes(sample))) as image:
+            pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise CorruptShardError(_corrupt(sample.get("__url__"), f"sample {sample['__key__']} "
+                                         f"cannot be decoded: {error}")) from None
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def _image_bytes(sample: dict) -> bytes:
     data = sample.get("jpg", sample.get("png"))
     if data is None:
-        raise UserError(f"{sample.get('__url__')}: sample {sample['__key__']} has no jpg/png")
+        raise CorruptShardError(_corrupt(sample.get("__url__"),
+                                         f"sample {sample['__key__']} has no jpg/png"))
     return data
 
 
@@ -298,8 +323,12 @@ def _attach_drawn_views(views: ViewSource):
 def _encoded_size(sample: dict) -> tuple[int, int]:
     """(height, width) of the sample's image from its header (PIL decodes lazily): the size
     decode() will return."""
-    with Image.open(io.BytesIO(_image_bytes(sample))) as image:
-        return image.height, image.width
+    try:
+        with Image.open(io.BytesIO(_image_bytes(sample))) as image:
+            return image.height, image.width
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise CorruptShardError(_corrupt(sample.get("__url__"), f"sample {sample['__key__']} "
+                                         f"cannot be decoded: {error}")) from None
 
 
 def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ from tqdm import tqdm
 
 from pipeline.augment import normalize
 from pipeline.distributed import Distributed, distributed
+from pipeline.errors import UserError
 from pipeline.evaluate import predict, top_k_accuracy
+from pipeline.locks import exclusive_writer
 from pipeline.losses import DistillationObjective
 from pipeline.params import TrainParams
 
@@ -52,6 +55,14 @@ class TrainRun:
 
 
 def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Path) -> dict:
+    """`_fit` holding out_dir's lock (on rank 0, the only writer): a second training run into
+    the same folder is refused at once instead of interleaving checkpoints."""
+    is_main = distributed().is_main
+    with exclusive_writer(out_dir, "training run") if is_main else nullcontext():
+        return _fit(model, run, out_dir, live_dir)
+
+
+def _fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Path) -> dict:
     """Train `model` per `run`, checkpointing to out_dir/checkpoint.pt; returns the last
     epoch's metrics. Rerun after a crash, it resumes from the checkpoint when the checkpoint's
     identity (params, fingerprint) equals `run.identity`. Under torchrun it trains with DDP:
@@ -175,8 +186,31 @@ def _resume(path: Path, identity: dict, model, optimizer, scheduler) -> tuple[in
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by `fit`, loaded safely (tensors and plain data only)."""
+    """A checkpoint written by `fit`, loaded safely (tensors and plain data only); anything
+    else (refused by weights_only, damaged, not this project's) is one line naming it."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found; train the model first "
                                 "(dvc repro)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refused a global: maybe code
+        raise UserError(f"{path}: not a checkpoint this project wrote, or unsafe to load "
+                        f"(torch.load(weights_only=True) refused it: {_reason(error)}); use "
+                        "the checkpoint.pt a training stage wrote") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:  # torn, not torch
+        raise UserError(f"{path}: damaged or not a PyTorch checkpoint ({_reason(error)}); "
+                        "delete it and rerun its training stage") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{path}: not a checkpoint this project wrote (no 'model' entry); "
+                        "use the checkpoint.pt a training stage wrote")
+    return state
+
+
+def _reason(error: Exception) -> str:
+    """The telling sentence of torch.load's long, multi-line messages."""
+    text = str(error)
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:  # which global weights_only refused
+            text = line.split("WeightsUnpickler error:", 1)[1]
+            break
+    return text.strip().split(". ")[0].split("\n")[0][:200] or type(error).__name__
