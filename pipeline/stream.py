@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import fsspec
@@ -242,20 +243,30 @@ def _read_samples(sources):
 
 
 def _corrupt(url: str, what: str) -> str:
-    return (f"{url}: corrupt shard ({what[:200]}); rerun prepare (dvc repro prepare) to "
-            "rewrite it; `python -m pipeline inspect --verify` checks every shard's sha256")
+    return f"{url}: corrupt shard ({what[:200]}); rerun prepare (dvc repro prepare) to rewrite it"
 
 
 def decode(sample: dict) -> torch.Tensor:
     """The sample's image as (3, H, W) uint8 RGB (PIL: torchvision's decoders are deprecated
     from 0.29)."""
-    try:
-        with Image.open(io.BytesIO(_image_bytes(sample))) as image:
-            pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise CorruptShardError(_corrupt(sample.get("__url__"), f"sample {sample['__key__']} "
-                                         f"cannot be decoded: {error}")) from None
+    with _open_image(sample) as image:
+        pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+@contextmanager
+def _open_image(sample: dict):
+    """The sample's image opened by PIL; bytes that do not decode name the shard as corrupt."""
+    data, where = _image_bytes(sample), sample.get("__url__")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            yield image
+    except UnidentifiedImageError:
+        raise CorruptShardError(_corrupt(where, f"sample {sample['__key__']} is not an "
+                                                "image")) from None
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for damaged data
+        raise CorruptShardError(_corrupt(where, f"sample {sample['__key__']} cannot be "
+                                                f"decoded: {error}")) from None
 
 
 def _image_bytes(sample: dict) -> bytes:
@@ -323,12 +334,8 @@ def _attach_drawn_views(views: ViewSource):
 def _encoded_size(sample: dict) -> tuple[int, int]:
     """(height, width) of the sample's image from its header (PIL decodes lazily): the size
     decode() will return."""
-    try:
-        with Image.open(io.BytesIO(_image_bytes(sample))) as image:
-            return image.height, image.width
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise CorruptShardError(_corrupt(sample.get("__url__"), f"sample {sample['__key__']} "
-                                         f"cannot be decoded: {error}")) from None
+    with _open_image(sample) as image:
+        return image.height, image.width
 
 
 def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:

@@ -458,11 +458,14 @@ def test_stream_names_the_corrupt_shard(small_shards):
             read_all(out, manifest)
         message = one_line_error(error)
         assert message.startswith(f"{shard}: corrupt shard") and "rerun prepare" in message
+        assert message.count("corrupt shard") == 1
         return message
 
     # The case: a sample without its image ("sample 000000224 has no jpg/png").
     assert "has no jpg/png" in damage(lambda s: {k: v for k, v in s.items() if k != "png"})
-    assert "cannot be decoded" in damage(lambda s: {**s, "png": s["png"][:40]})
+    assert "sample 000000004 is not an image" in damage(lambda s: {**s, "png": s["png"][:40]})
+    assert "cannot be decoded: image file is truncated" in damage(
+        lambda s: {**s, "png": s["png"][:-30]})
     assert "cannot be read" in damage(lambda s: {**s, "json": b"{not json"})
     shard.write_bytes(original[:700])  # a truncated tar
     with pytest.raises(CorruptShardError) as error:
