@@ -6,7 +6,9 @@ start date, and removes it on exit. A second writer is refused at once with one 
 the path and the writer that holds it. A lock left by a process that died (kill -9, a crash,
 a power cut) on this host is taken over: the pid is gone, or now belongs to a process that
 started later (a reused pid). A lock from another host cannot be checked from here; the
-message says to delete it once that writer is known to be gone.
+message says to delete it once that writer is known to be gone. Only local paths (and
+file:// URLs) are locked: object stores reached through fsspec (s3://, gs://, ...) offer no
+portable create-if-absent, so writers there are not serialised by this module.
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ class LockedError(UserError):
 @contextmanager
 def exclusive_writer(path: str | Path, what: str) -> Iterator[Path]:
     """Hold `<path>.lock` while the body writes `path` (a folder or file); `what` names the
-    writer in messages ("prepare", "training run", "logit dump"). Yields the lock's path."""
-    lock = Path(f"{str(path).rstrip('/')}.lock")
+    writer in messages ("prepare", "training run", "logit dump"). Yields the lock's path
+    (None for a remote fsspec URL, which is not locked)."""
+    text = str(path).rstrip("/")
+    if "://" in text and not text.startswith("file://"):
+        yield None
+        return
+    lock = Path(text.removeprefix("file://") + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     mine = {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
             "process_start": _process_start(os.getpid()),

@@ -285,9 +285,19 @@ def test_plain_8_bit_files_keep_their_bytes(tmp_path, mode, fmt):
     assert encode_file(path).data == path.read_bytes()
 
 
-def test_viewer_rgb_of_an_in_memory_16_bit_image_matches_the_file_rule():
+def test_viewer_rgb_of_in_memory_modes():
+    """Modes no file format here writes, through the same rules."""
     image, expected, _ = ramp16()
     assert np.array_equal(np.asarray(viewer_rgb(image)), expected)
+    palette_alpha = Image.new("PA", (2, 1))
+    palette_alpha.putpalette([255, 0, 0])
+    palette_alpha.putpixel((1, 0), (0, 255))  # pixel 0: index 0, alpha 0 -> white
+    assert np.asarray(viewer_rgb(palette_alpha)).tolist() == [[[255, 255, 255], [255, 0, 0]]]
+    assert np.asarray(viewer_rgb(Image.new("HSV", (1, 1), (0, 255, 255)))).tolist() == [
+        [[255, 0, 0]]]
+    # Premultiplied (100, 0, 0) at alpha 128 is (199, 0, 0) at half opacity over white.
+    premultiplied = Image.new("RGBa", (1, 1), (100, 0, 0, 128))
+    assert np.asarray(viewer_rgb(premultiplied)).tolist() == [[[227, 127, 127]]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,6 +104,14 @@ def test_locks_that_cannot_be_checked_are_respected(tmp_path, content, message):
     assert lock.exists()  # someone else's: left alone
 
 
+def test_file_urls_are_locked_and_remote_urls_are_not(tmp_path):
+    with exclusive_writer(f"file://{tmp_path}/out", "logit dump") as lock:
+        assert lock == tmp_path / "out.lock" and lock.exists()
+    with exclusive_writer("memory://bucket/out", "logit dump") as lock:
+        assert lock is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_nested_writer_in_the_same_process_is_refused(tmp_path):
     with exclusive_writer(tmp_path / "out", "training run"):
         with pytest.raises(LockedError, match=f"pid {os.getpid()} on host"):
