@@ -173,61 +173,17 @@ def _balanced_holdout_and_long_tail(by_class, names, params: DataParams, make_it
 def _cifar_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
     """CIFAR-10/100 python archive: long-tailed train (n_max = 5000 / 500), the full balanced
     test set. Read directly from the pickles: torchvision's reader refuses any archive whose
-    md5 differs from the official one, which rules out generated test archives. Keys may be
-    bytes (the official Python 2 pickles) or str (archives re-saved by Python 3)."""
-    variant = "cifar-10-batches-py" if params.source == "cifar10_lt" else "cifar-100-python"
-    files = _cifar_files(params.root, variant)
-    label_key = "labels" if variant == "cifar-10-batches-py" else "fine_labels"
-    names_key = "label_names" if variant == "cifar-10-batches-py" else "fine_label_names"
-    train_parts = ([f"data_batch_{i}" for i in range(1, 6)]
-                   if variant == "cifar-10-batches-py" else ["train"])
-    meta_name = "batches.meta" if variant == "cifar-10-batches-py" else "meta"
-    test_name = "test_batch" if variant == "cifar-10-batches-py" else "test"
-
-    def batch(name: str) -> dict:
-        if name not in files:
-            raise SourceError(f"{params.root}: not a {variant} archive (no {name}); point "
-                              "data.root at the CIFAR python archive or its extracted folder")
-        return _cifar_pickle(files[name], f"{params.root}: {name}")
-
-    def entry(name: str, loaded: dict, key: str):
-        if key not in loaded:
-            raise SourceError(f"{params.root}: {name} has no {key!r} entry (it has "
-                              f"{', '.join(map(str, loaded)) or 'none'}); not a {variant} "
-                              "archive")
-        return loaded[key]
-
-    raw_names = entry(meta_name, batch(meta_name), names_key)
-    if not isinstance(raw_names, (list, tuple)) or not all(
-            isinstance(n, (bytes, str)) for n in raw_names):
-        raise SourceError(f"{params.root}: {meta_name}: {names_key} is not a list of names")
-    names = [n.decode() if isinstance(n, bytes) else n for n in raw_names]
-
-    def items(parts: list[str], split: str) -> tuple[np.ndarray, list[int]]:
-        pixels, labels = [], []
-        for part in parts:
-            loaded = batch(part)
-            data = np.asarray(entry(part, loaded, "data"))
-            part_labels = entry(part, loaded, label_key)
-            if data.ndim != 2 or data.shape[1] != 3072 or data.dtype.kind not in "ui" or (
-                    data.size and (data.min() < 0 or data.max() > 255)):
-                raise SourceError(f"{params.root}: {part}: 'data' is {data.dtype} of shape "
-                                  f"{data.shape}, expected uint8 rows of 3072 (3x32x32)")
-            try:
-                part_labels = [int(label) for label in part_labels]
-            except (TypeError, ValueError):
-                raise SourceError(f"{params.root}: {part}: {label_key} is not a list of "
-                                  "integers") from None
-            if len(part_labels) != len(data):
-                raise SourceError(f"{params.root}: {part}: {len(part_labels)} labels for "
-                                  f"{len(data)} images")
-            pixels.append(data.astype(np.uint8))
-            labels += part_labels
-        _check_labels(labels, len(names), f"{variant} {split}")
-        return np.concatenate(pixels).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
-
-    train_pixels, train_labels = items(train_parts, "train")
-    test_pixels, test_labels = items([test_name], "test")
+    md5 differs from the official one, which rules out generated test archives."""
+    cifar10 = params.source == "cifar10_lt"
+    variant = "cifar-10-batches-py" if cifar10 else "cifar-100-python"
+    archive = _CifarArchive(params.root, variant, _cifar_files(params.root, variant))
+    names = archive.names("batches.meta" if cifar10 else "meta",
+                          "label_names" if cifar10 else "fine_label_names")
+    label_key = "labels" if cifar10 else "fine_labels"
+    train_parts = [f"data_batch_{i}" for i in range(1, 6)] if cifar10 else ["train"]
+    train_pixels, train_labels = archive.split(train_parts, label_key, len(names), "train")
+    test_pixels, test_labels = archive.split(["test_batch" if cifar10 else "test"], label_key,
+                                             len(names), "test")
     labels = np.asarray(train_labels)
     by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(len(names))]
     counts = long_tail_counts(max(len(i) for i in by_class), len(names), params.imbalance_ratio)
@@ -236,6 +192,62 @@ def _cifar_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
     test = [Item(f"{variant}/test/{i}", label, pixels=test_pixels[i])
             for i, label in enumerate(test_labels)]
     return SourceData(class_names=names, splits={"train": train, "test": test})
+
+
+@dataclass(frozen=True)
+class _CifarArchive:
+    """The pickled batches of a CIFAR python archive, checked as they are read: keys may be
+    bytes (the official Python 2 pickles) or str (archives re-saved by Python 3); anything
+    malformed is a one-line SourceError naming the file and the entry."""
+
+    root: str
+    variant: str
+    files: dict[str, bytes]  # base name -> content
+
+    def batch(self, name: str) -> dict:
+        if name not in self.files:
+            raise SourceError(f"{self.root}: not a {self.variant} archive (no {name}); point "
+                              "data.root at the CIFAR python archive or its extracted folder")
+        return _cifar_pickle(self.files[name], f"{self.root}: {name}")
+
+    def entry(self, name: str, loaded: dict, key: str):
+        if key not in loaded:
+            raise SourceError(f"{self.root}: {name} has no {key!r} entry (it has "
+                              f"{', '.join(map(str, loaded)) or 'none'}); not a "
+                              f"{self.variant} archive")
+        return loaded[key]
+
+    def names(self, meta: str, key: str) -> list[str]:
+        names = self.entry(meta, self.batch(meta), key)
+        if not isinstance(names, (list, tuple)) or not all(
+                isinstance(n, (bytes, str)) for n in names):
+            raise SourceError(f"{self.root}: {meta}: {key} is not a list of names")
+        return [n.decode() if isinstance(n, bytes) else n for n in names]
+
+    def split(self, parts: list[str], label_key: str, num_classes: int,
+              split: str) -> tuple[np.ndarray, list[int]]:
+        """(N, 32, 32, 3) uint8 pixels and N labels of the batches `parts`."""
+        pixels, labels = [], []
+        for part in parts:
+            loaded = self.batch(part)
+            data = np.asarray(self.entry(part, loaded, "data"))  # (n, 3072): R, G, B planes
+            if data.ndim != 2 or data.shape[1] != 3072 or data.dtype.kind not in "ui" or (
+                    data.size and (data.min() < 0 or data.max() > 255)):
+                raise SourceError(f"{self.root}: {part}: 'data' is {data.dtype} of shape "
+                                  f"{data.shape}, expected uint8 rows of 3072 (3x32x32)")
+            part_labels = self.entry(part, loaded, label_key)
+            try:
+                part_labels = [int(label) for label in part_labels]
+            except (TypeError, ValueError):
+                raise SourceError(f"{self.root}: {part}: {label_key} is not a list of "
+                                  "integers") from None
+            if len(part_labels) != len(data):
+                raise SourceError(f"{self.root}: {part}: {len(part_labels)} labels for "
+                                  f"{len(data)} images")
+            pixels.append(data.astype(np.uint8))
+            labels += part_labels
+        _check_labels(labels, num_classes, f"{self.variant} {split}")
+        return np.concatenate(pixels).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 class _ArrayUnpickler(pickle.Unpickler):
