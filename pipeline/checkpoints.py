@@ -9,11 +9,13 @@ them imports another to load a model.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.models import build_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -28,11 +30,34 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by `fit`, loaded safely (tensors and plain data only)."""
+    """A checkpoint written by `fit`, loaded safely (tensors and plain data only); anything
+    else (refused by weights_only, damaged, not this project's) is one line naming it."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found; train the model first "
                                 "(dvc repro)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refused a global: maybe code
+        raise UserError(f"{path}: not a checkpoint this project wrote, or unsafe to load "
+                        f"(torch.load(weights_only=True) refused it: {_reason(error)}); use "
+                        "the checkpoint.pt a training stage wrote") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:  # torn, not torch
+        raise UserError(f"{path}: damaged or not a PyTorch checkpoint ({_reason(error)}); "
+                        "delete it and rerun its training stage") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{path}: not a checkpoint this project wrote (no 'model' entry); "
+                        "use the checkpoint.pt a training stage wrote")
+    return state
+
+
+def _reason(error: Exception) -> str:
+    """The telling sentence of torch.load's long, multi-line messages."""
+    text = str(error)
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:  # which global weights_only refused
+            text = line.split("WeightsUnpickler error:", 1)[1]
+            break
+    return text.strip().split(". ")[0].split("\n")[0][:200] or type(error).__name__
 
 
 def load_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict]:

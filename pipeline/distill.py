@@ -3,7 +3,6 @@ against cached or online teacher logits)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,6 +44,10 @@ def train_teacher(params: Params, name: str, shards_dir: str, out_dir: str,
     """Train `teachers[name]` with CE; checkpoint in out_dir, dvclive output in live_dir."""
     settings = params.teachers[name]
     manifest = load_manifest(shards_dir)
+    if params.logits.topk > manifest["num_classes"]:  # else the dump fails after training
+        raise UserError(f"logits.topk: {params.logits.topk} exceeds the "
+                        f"{manifest['num_classes']} classes of {shards_dir}; set logits.topk "
+                        f"<= {manifest['num_classes']} before training the teacher")
     run = _run(params, settings, manifest, shards_dir, distillation_objective("ce"),
                store=None, key=f"teachers.{name}", description=f"teacher {name}")
     return fit(_new_model(settings, manifest, params.seed), run, out_dir, live_dir)

@@ -11,6 +11,8 @@ partial one. The store is marked complete only after every shard and the priors 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import fsspec
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ from pipeline.augment import CropSpec, apply_view, draw_views, normalize
 from pipeline.distill import crop_spec, load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
+from pipeline.locks import exclusive_writer
 from pipeline.losses import ClassPriorAccumulator
 from pipeline.params import Params
 from pipeline.shards import file_sha256, load_manifest
@@ -71,7 +74,18 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
                  topk=settings.topk, num_classes=num_classes,
                  shard_rows=shards[0].stop - shards[0].start, tail=settings.tail)
     wanted = store_identity(**shape, attributes=attributes)
-    target = _target_path(store_path, wanted)  # every rank decides before rank 0 writes
+    # One writer per store: a second dump (rank 0 of another job) is refused at once.
+    with exclusive_writer(store_path, "logit dump") if ranks.is_main else nullcontext():
+        _dump(store_path, wanted, shape, attributes, shards, teacher, params, teacher_name,
+              ranks)
+
+
+def _dump(store_path: str, wanted: dict, shape: dict, attributes: dict, shards: list[Shard],
+          teacher, params: Params, teacher_name: str, ranks) -> None:
+    settings, spec = params.logits, crop_spec(params.augment)
+    num_classes = shape["num_classes"]
+    # every rank decides before rank 0 writes; rank 0 clears a stale replacement
+    target = _target_path(store_path, wanted, clear_stale=ranks.is_main)
     if target is None:
         if ranks.is_main:
             print(f"{store_path} is complete and matches this dump; kept as it is")
@@ -102,7 +116,7 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
 REPLACEMENT_SUFFIX = ".next"
 
 
-def _target_path(store_path: str, wanted: dict) -> str | None:
+def _target_path(store_path: str, wanted: dict, clear_stale: bool) -> str | None:
     """Where this dump writes: None when a complete store with exactly these attributes is
     already there (kept, never rewritten); the store itself when it is absent or an unfinished
     dump of the same (resumed); otherwise a replacement beside it, swapped in once complete, so
@@ -112,11 +126,12 @@ def _target_path(store_path: str, wanted: dict) -> str | None:
         return store_path
     if identity(dict(existing.attrs)) == wanted:
         return None if existing.attrs.get("complete") else store_path
-    print(f"{store_path} holds another dump; building its replacement in "
-          f"{store_path}{REPLACEMENT_SUFFIX}, swapped in when complete")
+    if clear_stale:  # rank 0 speaks
+        print(f"{store_path} holds another dump; building its replacement in "
+              f"{store_path}{REPLACEMENT_SUFFIX}, swapped in when complete")
     replacement = store_path + REPLACEMENT_SUFFIX
     previous = open_existing(replacement, mode="r")
-    if previous is not None and identity(dict(previous.attrs)) != wanted:
+    if clear_stale and previous is not None and identity(dict(previous.attrs)) != wanted:
         _remove(replacement)  # a stale replacement of some other dump
     return replacement
 

@@ -16,7 +16,7 @@ from pipeline.checkpoints import load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
 from pipeline.params import EvaluateParams
-from pipeline.shards import load_manifest
+from pipeline.shards import file_sha256, load_manifest
 from pipeline.stream import eval_loader, split_shards
 
 
@@ -93,7 +93,8 @@ def write_report(metrics: dict, per_class: list[dict], class_names: list[str],
 
 def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: str,
                         metrics_file: str, per_class_file: str) -> dict:
-    """Test-split report of one checkpoint, written for DVC; returns the metrics."""
+    """Test-split report of one checkpoint, written for DVC; returns the metrics, with the
+    checkpoint's sha256 (`checkpoint_sha256`) to tie them to the exact file evaluated."""
     manifest = load_manifest(shards_dir)
     model, state = load_model(checkpoint)
     if state["fingerprint"] != manifest["fingerprint"]:
@@ -107,5 +108,6 @@ def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: s
     precision = state["params"]["train"].get("precision", "bf16")  # older checkpoints: bf16
     logits, labels = predict(model.to(device), batches, device, precision=precision)
     metrics, per_class = long_tail_report(logits, labels, manifest["train_counts"], settings)
+    metrics["checkpoint_sha256"] = file_sha256(checkpoint)  # which checkpoint these belong to
     write_report(metrics, per_class, manifest["class_names"], metrics_file, per_class_file)
     return metrics

@@ -7,12 +7,14 @@ Register it with `cli.add_command(inspect_command, name="inspect")`.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 import fsspec
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.shards import verify_shards
 from pipeline.store import MARKERS, LogitStore, open_store, verify_store
 
 PERCENTILES = (1, 10, 50, 90)
@@ -201,10 +203,12 @@ def _echo_view(details: dict) -> None:
               help="Show one row's top-k classes, probabilities, residual mass, box and flip.")
 @click.option("--view", type=int, default=0, show_default=True, help="View shown with --row.")
 @click.option("--verify", is_flag=True,
-              help="Check every shard is complete and finite; exit non-zero with the reason "
-                   "if not.")
+              help="Read every chunk of every array and check it against its recorded "
+                   "checksum, and that every shard is complete and finite; exit non-zero "
+                   "naming each problem.")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Dataset manifest.json; with --verify, also check the store's fingerprint.")
+              help="Dataset manifest.json; with --verify, also check the store's fingerprint "
+                   "and every tar shard's sha256.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG with the coverage histogram and the class prior matrix.")
 @click.option("--temperature", type=float, default=None,
@@ -221,13 +225,16 @@ def inspect_command(store_path: str, row: int | None, view: int, verify: bool,
             if fingerprint is None:
                 raise click.ClickException(f"manifest {manifest} has no 'fingerprint' key")
         problems = verify_store(store_path, fingerprint=fingerprint, progress=True)
+        if manifest:  # the tar shards too, against the manifest's sha256
+            problems += verify_shards(str(Path(manifest).parent))
         if problems:
             raise click.ClickException("verify failed for " + store_path + ":\n  "
                                        + "\n  ".join(problems))
         store = open_store(store_path)
-        checked = " and matches the manifest fingerprint" if manifest else ""
+        checked = (" and matches the manifest fingerprint; every tar shard matches its sha256"
+                   if manifest else "")
         click.echo(f"OK {store_path}: {store.num_shards} shards, {store.rows} rows x "
-                   f"{store.views} views complete and finite{checked}")
+                   f"{store.views} views complete, every chunk matches its checksum{checked}")
         return
     try:
         store = open_store(store_path, require_complete=False)

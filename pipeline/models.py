@@ -91,6 +91,16 @@ def architectures() -> list[str]:
                                   if name not in ARCHITECTURES]
 
 
+def unknown_architecture(arch: str) -> str | None:
+    """None when `build_model` knows `arch`, else a one-line message with close names."""
+    if arch in ARCHITECTURES or arch in torchvision_architectures():
+        return None
+    close = difflib.get_close_matches(arch, architectures(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return (f"unknown architecture {arch!r}.{hint} Known: {', '.join(ARCHITECTURES)}, or any "
+            f"torchvision classification model: {', '.join(torchvision_architectures())}")
+
+
 def build_model(arch: str, num_classes: int, *, small_input: bool = False) -> nn.Module:
     """A randomly initialised classifier: (B, 3, H, W) float -> (B, num_classes) logits.
 
@@ -102,11 +112,7 @@ def build_model(arch: str, num_classes: int, *, small_input: bool = False) -> nn
     elif arch in torchvision_architectures():
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     else:
-        close = difflib.get_close_matches(arch, architectures(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown architecture {arch!r}.{hint} Known: "
-                         f"{', '.join(ARCHITECTURES)}, or any torchvision classification "
-                         f"model: {', '.join(torchvision_architectures())}")
+        raise ValueError(unknown_architecture(arch))
     if small_input and not isinstance(model, _NATIVE_SMALL_INPUT):
         if not isinstance(model, ResNet):
             raise ValueError(f"small_input only applies to ResNet-family models "

@@ -202,9 +202,40 @@ def load_params(path: str | Path) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found; pass --params with its path")
-    with path.open() as stream:
-        raw = yaml.safe_load(stream) or {}
-    return check_consistency(parse(Params, raw, ""))
+    try:
+        with path.open(encoding="utf-8") as stream:
+            raw = yaml.safe_load(stream) or {}
+    except yaml.YAMLError as error:  # a syntax error, or a tag safe_load refuses
+        raise ParamsError(f"{path}: {_yaml_problem(error)}") from None
+    except UnicodeDecodeError as error:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    params = check_consistency(parse(Params, raw, ""))
+    check_architectures(params)
+    return params
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: where and what, from PyYAML's multi-line message."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if isinstance(error, yaml.constructor.ConstructorError):
+        return (f"{where}{problem}; params.yaml holds plain values only (no YAML tags such as "
+                "!!python/...)")
+    return f"{where}not valid YAML ({problem})"
+
+
+def check_architectures(params: Params) -> None:
+    """Every `arch` names a model pipeline.models builds: a typo fails here, before prepare,
+    not after it. (Imports torchvision, so it runs in load_params, not in parse.)"""
+    from pipeline.models import unknown_architecture
+
+    archs = {f"teachers.{name}.arch": t.arch for name, t in params.teachers.items()}
+    archs["student.arch"] = params.student.arch
+    for key, arch in archs.items():
+        problem = unknown_architecture(arch)
+        if problem:
+            raise ParamsError(f"{key}: {problem}")
 
 
 def check_consistency(params: Params) -> Params:
@@ -231,11 +262,37 @@ def check_consistency(params: Params) -> Params:
         raise ParamsError("student.online_teacher: the live teacher has no stored GI prior; set "
                           "student.ikl.prior: previous_epoch, student.ikl.weights: sample or "
                           "online_teacher: false")
+    _check_objective_weights(student)
+    num_classes = SOURCE_CLASSES.get(params.data.source, params.data.num_classes
+                                     if params.data.source == "split_lists" else 0)
+    if num_classes and params.logits.topk > num_classes:
+        raise ParamsError(f"logits.topk: {params.logits.topk} exceeds the {num_classes} "
+                          f"classes of data.source {params.data.source}; set logits.topk <= "
+                          f"{num_classes}")
     if student.views_per_decode > params.logits.views:
         raise ParamsError(f"student.views_per_decode: {student.views_per_decode} exceeds the "
                           f"{params.logits.views} cached views (logits.views); the extra crops "
                           "would repeat")
     return params
+
+
+# Class counts fixed by the source (others: data.num_classes, or known after prepare).
+SOURCE_CLASSES = {"digits_lt": 10, "cifar10_lt": 10, "cifar100_lt": 100}
+
+
+def _check_objective_weights(student: StudentParams) -> None:
+    """Refuse an objective whose every weight is 0: its loss is constantly 0 and the student
+    would train on nothing (val top-1 at chance) without a word."""
+    weights = {"ce": {"student.ce_weight": student.ce_weight},
+               "kl": {"student.ce_weight": student.ce_weight,
+                      "student.kl.weight": student.kl.weight},
+               "ikl": {"student.ce_weight": student.ce_weight,
+                       "student.ikl.alpha": student.ikl.alpha,
+                       "student.ikl.beta": student.ikl.beta}}.get(student.loss)
+    if weights and not any(weights.values()):
+        raise ParamsError(f"{', '.join(weights)}: all 0 with student.loss: {student.loss}; "
+                          "the loss would be constantly 0 and the student would learn nothing: "
+                          "set at least one above 0")
 
 
 def parse(cls: type, raw: Any, key_path: str) -> Any:

@@ -7,20 +7,26 @@ shuffled once with the params seed, so every WebDataset shard holds a mix of cla
 
 from __future__ import annotations
 
+import codecs
 import io
+import os
 import pickle
 import tarfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import UserError
+from pipeline.images import is_plain, viewer_rgb
 from pipeline.params import DataParams
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Folders and files that operating systems and tools leave in data trees (besides any name
+# starting with '.': .DS_Store, AppleDouble ._*, .ipynb_checkpoints, .git, ...): never data.
+OS_LITTER = ("__macosx", "thumbs.db", "desktop.ini", "@eadir")
 
 
 class SourceError(UserError):
@@ -42,6 +48,7 @@ class Item:
 class SourceData:
     class_names: list[str]
     splits: dict[str, list[Item]]  # "train", optionally "val", and "test"
+    ignored: list[str] = field(default_factory=list)  # hidden entries and OS litter left out
 
 
 @dataclass(frozen=True)
@@ -95,13 +102,15 @@ def _digits_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
 
 
 def _image_folder(params: DataParams, rng: np.random.Generator) -> SourceData:
-    """`root/class_name/image.ext`: balanced val/test held out per class, long-tailed train."""
+    """`root/class_name/image.ext`: balanced val/test held out per class, long-tailed train.
+    Hidden entries and OS litter (`is_litter`) are left out at any depth and recorded."""
     root = _existing_dir(params.root, "data.root (an ImageFolder tree root/class/image.jpg)")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    ignored = [f"{p.name}/" if p.is_dir() else p.name for p in sorted(root.iterdir())
+               if is_litter(p.name)]
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not is_litter(p.name))
     if not class_dirs:
         raise SourceError(f"{root}: no class folders; expected root/class_name/image.jpg")
-    files = [sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-             for d in class_dirs]
+    files = [_image_files(d, root, ignored) for d in class_dirs]
     names = [d.name for d in class_dirs]
 
     def item(index: int) -> Item:
@@ -112,7 +121,29 @@ def _image_folder(params: DataParams, rng: np.random.Generator) -> SourceData:
     all_labels = [label for label, class_files in enumerate(files) for _ in class_files]
     starts = np.cumsum([0] + [len(f) for f in files])
     by_class = [rng.permutation(np.arange(starts[c], starts[c + 1])) for c in range(len(names))]
-    return _balanced_holdout_and_long_tail(by_class, names, params, item, balanced=False)
+    data = _balanced_holdout_and_long_tail(by_class, names, params, item, balanced=False)
+    return SourceData(data.class_names, data.splits, ignored=ignored)
+
+
+def is_litter(name: str) -> bool:
+    """A hidden name (starting with '.') or one of the OS_LITTER names (any case)."""
+    return name.startswith(".") or name.lower() in OS_LITTER
+
+
+def _image_files(folder: Path, root: Path, ignored: list[str]) -> list[Path]:
+    """The image files under `folder` (any depth, sorted), skipping litter folders and files;
+    appends what it skips to `ignored`, relative to `root` (a folder once, with a '/')."""
+    found = []
+    for parent, dirs, names in os.walk(folder):
+        here = Path(parent)
+        ignored += [f"{(here / d).relative_to(root)}/" for d in sorted(dirs) if is_litter(d)]
+        dirs[:] = [d for d in dirs if not is_litter(d)]  # os.walk descends only into these
+        for name in sorted(names):
+            if is_litter(name):
+                ignored.append(str((here / name).relative_to(root)))
+            elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(here / name)
+    return sorted(found)
 
 
 def _balanced_holdout_and_long_tail(by_class, names, params: DataParams, make_item,
@@ -143,38 +174,16 @@ def _cifar_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
     """CIFAR-10/100 python archive: long-tailed train (n_max = 5000 / 500), the full balanced
     test set. Read directly from the pickles: torchvision's reader refuses any archive whose
     md5 differs from the official one, which rules out generated test archives."""
-    variant = "cifar-10-batches-py" if params.source == "cifar10_lt" else "cifar-100-python"
-    files = _cifar_files(params.root, variant)
-    label_key = b"labels" if variant == "cifar-10-batches-py" else b"fine_labels"
-    names_key = b"label_names" if variant == "cifar-10-batches-py" else b"fine_label_names"
-    train_parts = ([f"data_batch_{i}" for i in range(1, 6)]
-                   if variant == "cifar-10-batches-py" else ["train"])
-    meta_name = "batches.meta" if variant == "cifar-10-batches-py" else "meta"
-    test_name = "test_batch" if variant == "cifar-10-batches-py" else "test"
-
-    def batch(name: str) -> dict:
-        if name not in files:
-            raise SourceError(f"{params.root}: not a {variant} archive (no {name}); point "
-                              "data.root at the CIFAR python archive or its extracted folder")
-        try:
-            return pickle.loads(files[name], encoding="bytes")
-        except Exception as error:  # any unpickling failure means the same thing here
-            raise SourceError(f"{params.root}: {name} is not a CIFAR pickle ({error})") from None
-
-    names = [n.decode() for n in batch(meta_name)[names_key]]
-
-    def items(parts: list[str], split: str) -> tuple[np.ndarray, list[int]]:
-        loaded = [batch(p) for p in parts]
-        try:
-            pixels = np.concatenate([b[b"data"] for b in loaded]).reshape(-1, 3, 32, 32)
-            labels = [int(label) for b in loaded for label in b[label_key]]
-        except (KeyError, ValueError) as error:
-            raise SourceError(f"{params.root}: malformed {split} batch ({error})") from None
-        _check_labels(labels, len(names), f"{variant} {split}")
-        return pixels.transpose(0, 2, 3, 1), labels
-
-    train_pixels, train_labels = items(train_parts, "train")
-    test_pixels, test_labels = items([test_name], "test")
+    cifar10 = params.source == "cifar10_lt"
+    variant = "cifar-10-batches-py" if cifar10 else "cifar-100-python"
+    archive = _CifarArchive(params.root, variant, _cifar_files(params.root, variant))
+    names = archive.names("batches.meta" if cifar10 else "meta",
+                          "label_names" if cifar10 else "fine_label_names")
+    label_key = "labels" if cifar10 else "fine_labels"
+    train_parts = [f"data_batch_{i}" for i in range(1, 6)] if cifar10 else ["train"]
+    train_pixels, train_labels = archive.split(train_parts, label_key, len(names), "train")
+    test_pixels, test_labels = archive.split(["test_batch" if cifar10 else "test"], label_key,
+                                             len(names), "test")
     labels = np.asarray(train_labels)
     by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(len(names))]
     counts = long_tail_counts(max(len(i) for i in by_class), len(names), params.imbalance_ratio)
@@ -183,6 +192,90 @@ def _cifar_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
     test = [Item(f"{variant}/test/{i}", label, pixels=test_pixels[i])
             for i, label in enumerate(test_labels)]
     return SourceData(class_names=names, splits={"train": train, "test": test})
+
+
+@dataclass(frozen=True)
+class _CifarArchive:
+    """The pickled batches of a CIFAR python archive, checked as they are read: keys may be
+    bytes (the official Python 2 pickles) or str (archives re-saved by Python 3); anything
+    malformed is a one-line SourceError naming the file and the entry."""
+
+    root: str
+    variant: str
+    files: dict[str, bytes]  # base name -> content
+
+    def batch(self, name: str) -> dict:
+        if name not in self.files:
+            raise SourceError(f"{self.root}: not a {self.variant} archive (no {name}); point "
+                              "data.root at the CIFAR python archive or its extracted folder")
+        return _cifar_pickle(self.files[name], f"{self.root}: {name}")
+
+    def entry(self, name: str, loaded: dict, key: str):
+        if key not in loaded:
+            raise SourceError(f"{self.root}: {name} has no {key!r} entry (it has "
+                              f"{', '.join(map(str, loaded)) or 'none'}); not a "
+                              f"{self.variant} archive")
+        return loaded[key]
+
+    def names(self, meta: str, key: str) -> list[str]:
+        names = self.entry(meta, self.batch(meta), key)
+        if not isinstance(names, (list, tuple)) or not all(
+                isinstance(n, (bytes, str)) for n in names):
+            raise SourceError(f"{self.root}: {meta}: {key} is not a list of names")
+        return [n.decode() if isinstance(n, bytes) else n for n in names]
+
+    def split(self, parts: list[str], label_key: str, num_classes: int,
+              split: str) -> tuple[np.ndarray, list[int]]:
+        """(N, 32, 32, 3) uint8 pixels and N labels of the batches `parts`."""
+        pixels, labels = [], []
+        for part in parts:
+            loaded = self.batch(part)
+            data = np.asarray(self.entry(part, loaded, "data"))  # (n, 3072): R, G, B planes
+            if data.ndim != 2 or data.shape[1] != 3072 or data.dtype.kind not in "ui" or (
+                    data.size and (data.min() < 0 or data.max() > 255)):
+                raise SourceError(f"{self.root}: {part}: 'data' is {data.dtype} of shape "
+                                  f"{data.shape}, expected uint8 rows of 3072 (3x32x32)")
+            part_labels = self.entry(part, loaded, label_key)
+            try:
+                part_labels = [int(label) for label in part_labels]
+            except (TypeError, ValueError):
+                raise SourceError(f"{self.root}: {part}: {label_key} is not a list of "
+                                  "integers") from None
+            if len(part_labels) != len(data):
+                raise SourceError(f"{self.root}: {part}: {len(part_labels)} labels for "
+                                  f"{len(data)} images")
+            pixels.append(data.astype(np.uint8))
+            labels += part_labels
+        _check_labels(labels, num_classes, f"{self.variant} {split}")
+        return np.concatenate(pixels).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a CIFAR batch from the internet cannot run
+    code (any other global is refused)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
+        (f"numpy.{core}.{module}", name) for core in ("core", "_core")
+        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                             ("numeric", "_frombuffer"))}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _cifar_pickle(data: bytes, where: str) -> dict:
+    """One CIFAR batch as a dict with str keys."""
+    try:
+        loaded = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as error:  # any unpickling failure means the same thing here
+        raise SourceError(f"{where} is not a CIFAR pickle ({error})") from None
+    if not isinstance(loaded, dict):
+        raise SourceError(f"{where} is not a CIFAR pickle (a {type(loaded).__name__}, not a "
+                          "dict)")
+    return {k.decode("latin-1") if isinstance(k, bytes) else str(k): v
+            for k, v in loaded.items()}
 
 
 def _cifar_files(root: str, variant: str) -> dict[str, bytes]:
@@ -226,14 +319,24 @@ def _split_lists(params: DataParams, rng: np.random.Generator) -> SourceData:
 
 
 def _read_list(file: Path) -> list[tuple[str, int, str]]:
-    """(relative path, label, 'file:line') for each non-empty line."""
+    """(relative path, label, 'file:line') for each non-blank line. Lists saved by other tools
+    read the same: a UTF-8 or UTF-16 byte order mark, LF / CRLF / CR line ends, surrounding
+    whitespace and blank lines are all accepted; the path may hold spaces (the label is the
+    line's last field)."""
     if not file.is_file():
         raise SourceError(f"{file}: split list not found; check data.*_list in params.yaml")
+    data = file.read_bytes()
+    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    try:
+        text = data.decode("utf-16" if utf16 else "utf-8-sig")  # either drops its BOM
+    except UnicodeDecodeError as error:
+        raise SourceError(f"{file}: not {'UTF-16' if utf16 else 'UTF-8'} text (byte "
+                          f"{error.start}); save the list as UTF-8") from None
     entries = []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(text.splitlines(), start=1):
+        parts = line.strip().rsplit(maxsplit=1)
+        if not parts:
             continue
-        parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
             raise SourceError(f"{file}:{number}: expected 'relative/path label', got {line!r}")
         entries.append((parts[0], int(parts[1]), f"{file}:{number}"))
@@ -267,7 +370,10 @@ def _existing_dir(path: str, what: str) -> Path:
 # Encoding (runs in worker processes)
 
 def encode_item(item: Item, max_side: int, jpeg_quality: int) -> Encoded | str:
-    """Read, check and encode one image; a string says why it could not be read."""
+    """Read, check and encode one image; a string says why it could not be read. The shard
+    gets the file's own bytes when they already decode to what a viewer shows
+    (pipeline.images.is_plain), else the viewer's 8-bit RGB picture as PNG; images larger
+    than `max_side` are scaled down and stored as JPEG."""
     if item.pixels is not None:  # in-memory sources are small: lossless PNG
         image = Image.fromarray(item.pixels)
         return Encoded(_png(image), "png", image.width, image.height, max(image.size))
@@ -275,26 +381,26 @@ def encode_item(item: Item, max_side: int, jpeg_quality: int) -> Encoded | str:
         data = Path(item.file).read_bytes()
         image = Image.open(io.BytesIO(data))
         image.load()  # decode fully: a truncated file fails here, not in training
+        plain = is_plain(image)
+        upright = image if plain else viewer_rgb(image)
     except FileNotFoundError:
         return f"{item.file}: image not found"
     except UnidentifiedImageError:
         return f"{item.file}: cannot decode image (not an image format PIL reads)"
-    except Exception as error:  # PIL raises many types for corrupt data
+    except Exception as error:  # PIL raises many types for corrupt data or odd modes
         return f"{item.file}: cannot decode image ({error})"
-    width, height = image.size
+    width, height = upright.size
     if max_side and max(width, height) > max_side:
         scale = max_side / max(width, height)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        upright = upright.convert("RGB").resize(size, Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=jpeg_quality)
+        upright.save(buffer, format="JPEG", quality=jpeg_quality)
         return Encoded(buffer.getvalue(), "jpg", width, height, max(size))
     side = max(width, height)
-    if image.format == "JPEG":
-        return Encoded(data, "jpg", width, height, side)
-    if image.format == "PNG":
-        return Encoded(data, "png", width, height, side)
-    return Encoded(_png(image.convert("RGB")), "png", width, height, side)
+    if plain:
+        return Encoded(data, "jpg" if image.format == "JPEG" else "png", width, height, side)
+    return Encoded(_png(upright), "png", width, height, side)
 
 
 def _png(image: Image.Image) -> bytes:

@@ -25,22 +25,29 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, default_collate
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.augment import CropSpec, apply_view, draw_views, eval_view
 from pipeline.errors import UserError
+from pipeline.shards import shard_url
 from pipeline.store import LOGIT_FIELDS
 
 SHUFFLE_BUFFER = 2000  # samples (still encoded): a few shards' worth mixes classes well
 WORKER_CHUNK = 64  # samples a worker sends at once: few transfers, exact batches after
+
+
+class CorruptShardError(UserError):
+    """A tar shard that cannot be read as prepare wrote it; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ def split_shards(shards_dir: str, manifest: dict, split: str) -> list[Shard]:
     """The shards of `split` with their row ranges, in row order."""
     if split not in manifest["splits"]:
         raise UserError(f"{shards_dir}: the dataset has no {split!r} split")
-    return [Shard(f"{shards_dir.rstrip('/')}/{s['file']}", *s["rows"])
+    return [Shard(shard_url(shards_dir, s["file"]), *s["rows"])
             for s in manifest["splits"][split]["shards"]]
 
 
@@ -230,30 +237,59 @@ def read_shard(shard: Shard):
 
 def _read_samples(sources):
     """Stage: the samples of each segment, its tar opened through fsspec (any local path or
-    URL fsspec knows: file://, s3://, gs://, memory://, ...)."""
+    URL fsspec knows: file://, s3://, gs://, memory://, ...). A shard that cannot be read
+    stops the run naming it (CorruptShardError)."""
     for source in sources:
-        segment = source["segment"]
-        with fsspec.open(source["url"], "rb") as stream:
-            files = tar_file_expander([{"url": source["url"], "stream": stream}])
-            for sample in group_by_keys(files):
-                meta = json.loads(sample["json"])
-                if segment.start <= meta["row"] < segment.stop:
-                    sample["meta"], sample["segment"] = meta, segment
-                    yield sample
+        segment, url = source["segment"], source["url"]
+        try:
+            with fsspec.open(url, "rb") as stream:
+                files = tar_file_expander([{"url": url, "stream": stream}])
+                for sample in group_by_keys(files):
+                    meta = json.loads(sample["json"])
+                    if segment.start <= meta["row"] < segment.stop:
+                        sample["meta"], sample["segment"] = meta, segment
+                        yield sample
+        except FileNotFoundError:
+            raise CorruptShardError(f"{url}: shard not found; rerun prepare (dvc repro "
+                                    "prepare)") from None
+        except (tarfile.TarError, ValueError, KeyError, TypeError, EOFError) as error:
+            detail = error.args[0] if error.args else ""  # webdataset appends stream, url
+            raise CorruptShardError(_corrupt(url, f"cannot be read: {type(error).__name__}: "
+                                                  f"{detail}")) from None
+
+
+def _corrupt(url: str, what: str) -> str:
+    return f"{url}: corrupt shard ({what[:200]}); rerun prepare (dvc repro prepare) to rewrite it"
 
 
 def decode(sample: dict) -> torch.Tensor:
     """The sample's image as (3, H, W) uint8 RGB (PIL: torchvision's decoders are deprecated
     from 0.29)."""
-    with Image.open(io.BytesIO(_image_bytes(sample))) as image:
+    with _open_image(sample) as image:
         pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+@contextmanager
+def _open_image(sample: dict):
+    """The sample's image opened by PIL; bytes that do not decode name the shard as corrupt."""
+    data, where = _image_bytes(sample), sample.get("__url__")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            yield image
+    except UnidentifiedImageError:
+        raise CorruptShardError(_corrupt(where, f"sample {sample['__key__']} is not an "
+                                                "image")) from None
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for damaged data
+        raise CorruptShardError(_corrupt(where, f"sample {sample['__key__']} cannot be "
+                                                f"decoded: {error}")) from None
 
 
 def _image_bytes(sample: dict) -> bytes:
     data = sample.get("jpg", sample.get("png"))
     if data is None:
-        raise UserError(f"{sample.get('__url__')}: sample {sample['__key__']} has no jpg/png")
+        raise CorruptShardError(_corrupt(sample.get("__url__"),
+                                         f"sample {sample['__key__']} has no jpg/png"))
     return data
 
 
@@ -314,7 +350,7 @@ def _attach_drawn_views(views: ViewSource):
 def _encoded_size(sample: dict) -> tuple[int, int]:
     """(height, width) of the sample's image from its header (PIL decodes lazily): the size
     decode() will return."""
-    with Image.open(io.BytesIO(_image_bytes(sample))) as image:
+    with _open_image(sample) as image:
         return image.height, image.width
 
 

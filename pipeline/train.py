@@ -28,6 +28,7 @@ from pipeline.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipeline.distributed import Distributed, distributed
 from pipeline.evaluate import predict, top_k_accuracy
 from pipeline.losses import DistillationObjective, PreviousEpochPrior
+from pipeline.locks import exclusive_writer
 from pipeline.params import TrainParams
 
 PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one syncs the GPU)
@@ -55,6 +56,14 @@ class TrainRun:
 
 
 def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Path) -> dict:
+    """`_fit` holding out_dir's lock (on rank 0, the only writer): a second training run into
+    the same folder is refused at once instead of interleaving checkpoints."""
+    is_main = distributed().is_main
+    with exclusive_writer(out_dir, "training run") if is_main else nullcontext():
+        return _fit(model, run, out_dir, live_dir)
+
+
+def _fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Path) -> dict:
     """Train `model` per `run`, checkpointing to out_dir/checkpoint.pt; returns the last
     epoch's metrics. Rerun after a crash, it resumes from the checkpoint when the checkpoint's
     identity (params, fingerprint) equals `run.identity`. Under torchrun it trains with DDP:

@@ -12,6 +12,7 @@ from pipeline.distill import model_identity
 from pipeline.evaluate import long_tail_report, predict, write_report
 from pipeline.models import build_model
 from pipeline.params import EvaluateParams, Params, TrainParams
+from pipeline.shards import file_sha256
 from pipeline.stream import eval_loader, split_shards
 from stages.evaluate import main as evaluate_stage
 from test_stream import IMAGE_SIZE, prepare_tiny_shards
@@ -129,6 +130,7 @@ def test_evaluate_stage_writes_metrics_and_per_class_table(shards, tmp_path):
     assert "top-1" in result.output and "few" in result.output
 
     metrics = json.loads((tmp_path / "results" / "test.json").read_text())
+    assert metrics.pop("checkpoint_sha256") == file_sha256(checkpoint)  # what was evaluated
     model = build_model("resnet8", 10)
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
     batches = eval_loader(split_shards(shards_dir, manifest, "test"), batch_size=32,
