@@ -31,6 +31,7 @@ from pipeline.shards import file_sha256
 from pipeline.store import (
     CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PARTIALS_GROUP, StoreMismatchError, open_store,
     shard_bounds)
+from pipeline.store.tail import TAIL_STEP, tail_components
 from stages.dump_logits import main as dump_main
 from stages.train_student import main as student_main
 
@@ -87,8 +88,8 @@ def read_everything(path):
     markers included) and its attributes."""
     group = zarr.open_group(str(path), mode="r")
     store = open_store(str(path))
-    names = store.array_names + ("labels", MARKERS, CHECKSUMS, LABEL_CHECKSUMS)
-    assert set(names) == set(group.array_keys()), "every array of the store is compared"
+    names = sorted(group.array_keys())  # every array at the top: the tail basis too
+    assert set(store.array_names + ("labels", MARKERS, CHECKSUMS, LABEL_CHECKSUMS)) <= set(names)
     arrays = {name: group[name][:] for name in names}
     arrays.update({f"class_prior T={t}": store.class_prior(t) for t in store.temperatures})
     return arrays, dict(group.attrs)
@@ -123,8 +124,14 @@ def test_store_shape_and_identity(stage_one_data, teacher_checkpoint, store_path
     assert attrs["format_version"] == 3
     # k < C with the quantised tail: every class's logit is kept (what IKL needs)
     assert store.tail == attrs["tail"] == "quantized" and store.exact_logits
-    assert store.array_names == ("topk_codes", "topk_classes", "logsumexp", "tail_codes",
-                                 "tail_floor", "boxes", "flips")
+    assert store.array_names == ("topk_codes", "topk_classes", "logsumexp", "tail_coefficients",
+                                 "tail_residuals", "boxes", "flips")
+    components = attrs["tail_components"]
+    assert components == tail_components(CLASSES) >= 1
+    basis = store.tail_basis  # the PCA basis the dump fitted, stored once
+    assert basis.mean.shape == (CLASSES,) and basis.basis.shape == (CLASSES, components)
+    assert store.group["tail_coefficients"].shape == (VIEWS, TRAIN_ROWS, components)
+    assert store.group["tail_residuals"].shape == (VIEWS, TRAIN_ROWS, CLASSES)
     assert attrs["class_names"] == stage_one_data.manifest["class_names"]
     assert attrs["prior_temperatures"] == [1.0, 4.0]
     assert store.labels.tolist() == [sample["label"] for sample in samples]
@@ -173,14 +180,11 @@ def test_teacher_on_a_replayed_view_reproduces_the_stored_logits(store_path, rep
     raw = stored_log_probs.astype(np.float32) + stored_lse[..., None]
     np.testing.assert_allclose(raw, top.values.numpy(), rtol=2**-10, atol=1e-3)
     # Every class's logit (the quantised tail): the top-k as above, the others within half a
-    # step (smallest top-k log-probability - floor) / 255 of the teacher's.
-    floor = np.stack([rows["tail_floor"] for rows in read]).astype(np.float32)  # (V, N)
-    assert (floor <= (full - lse[..., None]).numpy().min(-1) + 1e-6).all()
-    step = (stored_log_probs[..., -1].astype(np.float32) - floor) / 255  # (V, N)
+    # step, TAIL_STEP / 2, of the teacher's (plus the float32 rounding of the decoding).
     decoded = np.stack([store.teacher_logits(view, 0, TRAIN_ROWS) for view in range(VIEWS)])
     assert decoded.dtype == np.float32 and decoded.shape == full.shape
     error = np.abs(decoded - full.numpy())
-    assert (error <= step[..., None] / 2 + 1e-3).all(), error.max()
+    assert (error <= TAIL_STEP / 2 + 1e-4).all(), error.max()
     np.testing.assert_allclose(np.take_along_axis(decoded, top.indices.numpy(), -1),
                                top.values.numpy(), rtol=2**-10, atol=1e-3)
 
@@ -213,7 +217,7 @@ def test_killed_dump_resumes_to_an_identical_store(stage_one_data, teacher_check
         if shard_index == 2:  # part of the shard's data lands, then the process dies
             start, stop = shard_bounds(TRAIN_ROWS, SHARD_SIZE, shard_index)
             group["topk_codes"][:, start:stop] = 7
-            group["tail_codes"][:, start:stop] = 3
+            group["tail_residuals"][:, start:stop] = 3
             group["boxes"][:, start:stop] = 5
             raise Killed
         real_write_shard(group, shard_index, **arrays)
@@ -244,6 +248,32 @@ def test_killed_dump_resumes_to_an_identical_store(stage_one_data, teacher_check
     for name, array in reference.items():
         assert_bitwise_equal(resumed[name], array, name)
     assert PARTIALS_GROUP not in zarr.open_group(str(path), mode="r")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pipeline bug, reported to the lead: pipeline/dump.py writes the tail basis only when "
+    "'tail_mean' is absent, so a dump killed after tail_mean landed but before the basis "
+    "checksums fails every rerun with StoreCorruptError from read_tail_basis"))
+def test_a_dump_killed_while_writing_the_tail_basis_resumes_to_an_identical_store(
+        stage_one_data, teacher_checkpoint, store_path, tmp_path, monkeypatch):
+    real_write_tail_basis = pipeline.dump.write_tail_basis
+
+    def killed_after_the_first_array(group, basis):
+        group.create_array("tail_mean", data=basis.mean.numpy())  # lands, then the kill
+        raise Killed
+
+    path = tmp_path / "basis.zarr"
+    monkeypatch.setattr(pipeline.dump, "write_tail_basis", killed_after_the_first_array)
+    with pytest.raises(Killed):
+        dump_to(stage_one_data, teacher_checkpoint, path)
+    monkeypatch.setattr(pipeline.dump, "write_tail_basis", real_write_tail_basis)
+    dump_to(stage_one_data, teacher_checkpoint, path)
+    resumed, resumed_attrs = read_everything(path)
+    reference, reference_attrs = read_everything(store_path)
+    assert resumed_attrs == reference_attrs
+    assert sorted(resumed) == sorted(reference)
+    for name, array in reference.items():
+        assert_bitwise_equal(resumed[name], array, name)
 
 
 def test_rerun_with_other_prior_temperatures_gives_exact_priors(stage_one_data,
@@ -286,6 +316,10 @@ class FakeRank:
         pass
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "pipeline bug (regression of 72b5950), reported to the lead: only rank 0 writes the tail "
+    "basis (pipeline/dump.py), so a rank run before rank 0 (barriers not synchronising) fails "
+    "in write_shard -> read_tail_basis: 'tail_mean' is missing"))
 def test_ranks_writing_disjoint_shards_give_the_same_store(stage_one_data, teacher_checkpoint,
                                                            store_path, tmp_path, monkeypatch):
     path = tmp_path / "two_ranks.zarr"
@@ -357,6 +391,11 @@ def test_student_refuses_a_store_of_another_teacher_or_seed(stage_one_data, teac
     assert not (tmp_path / "student").exists()  # refused before any training
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "pipeline bug, reported to the lead: pipeline/dump.py _fit_tail_basis runs the teacher on "
+    "the basis rows before any shard without checking the logits, so a NaN teacher ends in "
+    "numpy's LinAlgError 'SVD did not converge' (a traceback) instead of the UserError naming "
+    "the row and view"))
 def test_nan_teacher_stops_the_dump_naming_the_row(stage_one_data, teacher_checkpoint,
                                                     tmp_path):
     state = torch.load(teacher_checkpoint, weights_only=True)
@@ -371,15 +410,23 @@ def test_nan_teacher_stops_the_dump_naming_the_row(stage_one_data, teacher_check
 
 def test_inf_teacher_logit_stops_the_dump_naming_the_row(stage_one_data, teacher_checkpoint,
                                                           tmp_path, monkeypatch):
-    real_teacher_logits, calls = pipeline.dump._teacher_logits, []
+    real_teacher_logits = pipeline.dump._teacher_logits
+    real_dump_shard = pipeline.dump._dump_shard
+    where = {"shard": None, "view": -1}  # the shard being dumped, its view (calls: view order)
+
+    def tracked(group, index, *args, **kwargs):
+        where.update(shard=index, view=-1)
+        return real_dump_shard(group, index, *args, **kwargs)
 
     def inf_at_row_13_view_2(*args, **kwargs):
-        logits = real_teacher_logits(*args, **kwargs)  # (n, C), calls: shard-major, then view
-        calls.append(len(calls))
-        if len(calls) == 1 * VIEWS + 2 + 1:  # shard 1 (rows 8..15), view 2
-            logits[13 - 8, 2] = float("inf")
+        logits = real_teacher_logits(*args, **kwargs)  # (n, C)
+        if where["shard"] is not None:  # not the tail basis' fit, before any shard
+            where["view"] += 1
+            if (where["shard"], where["view"]) == (1, 2):  # shard 1 (rows 8..15), view 2
+                logits[13 - 8, 2] = float("inf")
         return logits
 
+    monkeypatch.setattr(pipeline.dump, "_dump_shard", tracked)
     monkeypatch.setattr(pipeline.dump, "_teacher_logits", inf_at_row_13_view_2)
     path = tmp_path / "inf.zarr"
     with pytest.raises(UserError, match=r"NaN or Inf at row 13, view 2 \(.*train-000001.tar"):
@@ -452,15 +499,16 @@ def test_dump_stage_cli_and_inspect(stage_one_data, teacher_checkpoint, store_pa
                  "V=3 views  N=26 rows  k=2  C=3  tail=quantized  shard_rows=8",
                  "complete     True", "shards complete 4/4",
                  "class prior temperatures [1.0, 4.0]", "topk_codes      (3, 26, 2)",
-                 "tail_codes      (3, 26, 3)", "over 78 views"]:
+                 "tail_residuals  (3, 26, 3)", "over 78 views"]:
         assert text in result.output, text
 
     manifest = stage_one_data.shards_dir / "manifest.json"
     result = runner.invoke(cli, ["inspect", str(out), "--verify", "--manifest", str(manifest)])
     assert result.exit_code == 0, result.output
     # stdout: the verdict (the progress bar goes to stderr)
-    assert result.stdout.strip() == (f"OK {out}: 4 shards, 26 rows x 3 views complete and "
-                                     "finite and matches the manifest fingerprint")
+    assert result.stdout.strip() == (
+        f"OK {out}: 4 shards, 26 rows x 3 views complete, every chunk matches its checksum and "
+        "matches the manifest fingerprint; every tar shard matches its sha256")
 
 
 def test_dump_stage_cli_reports_a_missing_checkpoint_in_one_line(stage_one_data, tmp_path):
@@ -554,7 +602,8 @@ def test_rerun_with_other_params_builds_a_replacement_and_swaps_it_in(
     assert sorted(os.listdir(path.parent)) == ["teacher.zarr"]  # .next (and .old) gone
     new = open_expected(data, teacher_checkpoint, path)
     assert new.complete and new.topk == CLASSES and new.exact_logits
-    assert "tail_codes" not in new.array_names  # k = C: nothing beyond the top-k to keep
+    # k = C: nothing beyond the top-k to keep
+    assert not [name for name in new.group.array_keys() if name.startswith("tail_")]
     decoded = np.stack([new.teacher_logits(view, 0, TRAIN_ROWS) for view in range(VIEWS)])
     np.testing.assert_allclose(decoded, replayed_logits, rtol=2**-10, atol=1e-3)
     # the same store, bit for bit, as a dump of these params from scratch
@@ -640,7 +689,7 @@ def test_ikl_student_stage_refuses_a_top_k_only_store_unless_told_to_approximate
     store = dump_to(data, teacher_checkpoint, tmp_path / "top2.zarr", params=params_from(raw))
     opened = open_expected(data, teacher_checkpoint, store)
     assert opened.tail == "none" and not opened.exact_logits
-    assert "tail_codes" not in opened.array_names
+    assert not [name for name in opened.group.array_keys() if name.startswith("tail_")]
     runner = CliRunner()
 
     out = tmp_path / "ikl"

@@ -1,5 +1,4 @@
 """Tests for the `inspect` command and its plain functions, on a tiny generated store."""
-import json
 import math
 import re
 import zlib
@@ -11,8 +10,10 @@ import zarr
 from click.testing import CliRunner
 
 from pipeline.inspect import coverage_stats, inspect_command, topk_mass, view_details
-from pipeline.store import (CHECKSUMS, create_store, finalize_store, open_store, shard_bounds,
-                            verify_store, write_shard)
+from pipeline.store import (CHECKSUMS, create_store, finalize_store, fit_tail_basis, open_store,
+                            shard_bounds, verify_store, write_shard, write_tail_basis)
+from pipeline.store.tail import TAIL_STEP, tail_components
+from test_stream import prepare_tiny_shards
 
 ROWS, VIEWS, TOPK, CLASSES, SHARD_ROWS = 25, 2, 3, 4, 10
 CLASS_NAMES = ["cat", "dog", "eel", "fox"]
@@ -40,6 +41,10 @@ def build_store(path, shards=(0, 1, 2), finalize=True, fingerprint="fp-abc", tai
     group = create_store(str(path), rows=ROWS, views=VIEWS, topk=TOPK, num_classes=CLASSES,
                          shard_rows=SHARD_ROWS, attributes=attributes, tail=tail)
     dump = make_dump()
+    if tail == "quantized":  # the tail's PCA basis, before any shard (as the dump does)
+        full = dump["logits"].reshape(-1, CLASSES).astype(np.float64)
+        log_probs = full - np.log(np.exp(full).sum(-1, keepdims=True))
+        write_tail_basis(group, fit_tail_basis(log_probs, tail_components(CLASSES)))
     for shard_index in shards:
         start, stop = shard_bounds(ROWS, SHARD_ROWS, shard_index)
         write_shard(group, shard_index, labels=dump["labels"][start:stop],
@@ -95,14 +100,17 @@ def test_summary_prints_shapes_identity_sizes_and_coverage(store_path):
     assert f"min {mass.min():.4f}" in out
     assert f"p50 {np.percentile(mass, 50):.4f}" in out
     assert f"mean {mass.mean():.4f}" in out
-    assert "tail_codes" not in out  # tail: none keeps the top-k only
+    assert "tail_" not in out  # tail: none keeps the top-k only
 
 
 def test_summary_of_a_quantized_tail_store_lists_the_tail_arrays(tmp_path):
     path, _ = build_store(tmp_path / "tail.zarr", tail="quantized")
     result = invoke(path)
     assert result.exit_code == 0, result.output
-    for text in ["tail=quantized", "tail_codes      (2, 25, 4)", "tail_floor      (2, 25)",
+    components = tail_components(CLASSES)
+    for text in ["tail=quantized", f"tail_coefficients {(2, 25, components)}",
+                 "tail_residuals  (2, 25, 4)", "uint16", "int8",
+                 f"shards (2, 10, {components}) chunks (1, 10, {components})",
                  "shards (2, 10, 4) chunks (1, 10, 4)"]:
         assert text in result.output, text
 
@@ -139,28 +147,42 @@ def test_row_view_of_a_quantized_tail_store_shows_every_logit(tmp_path):
     result = invoke(path, "--row", KNOWN_ROW, "--view", KNOWN_VIEW)
     assert result.exit_code == 0, result.output
     summary = re.search(r"all 4 logits: min (\S+)  median (\S+)  max (\S+)", result.output)
-    step = (KNOWN_LOGITS[2] - OTHER_LOGIT) / 255
     assert summary, result.output
     np.testing.assert_allclose([float(value) for value in summary.groups()],
                                [OTHER_LOGIT, 0.75, KNOWN_LOGITS[0]], rtol=0,
-                               atol=step / 2 + 2e-3)  # printed to 3 decimals
+                               atol=TAIL_STEP / 2 + 2e-3)  # printed to 3 decimals
     details = view_details(open_store(path), KNOWN_ROW, KNOWN_VIEW)
     assert details["class_names"] == ["fox", "cat", "eel"]
     full = [KNOWN_LOGITS[1], OTHER_LOGIT, KNOWN_LOGITS[2], KNOWN_LOGITS[0]]  # class order
-    # Top-k to float16 log-probabilities; the tail class within half a quantisation step of
-    # (smallest top-k log-probability - floor) / 255 (floor <= the smallest log-probability).
-    np.testing.assert_allclose(details["tail_logits"], full, rtol=0, atol=step / 2 + 2**-10)
+    # Top-k to float16 log-probabilities; the tail class within half a quantisation step
+    # (TAIL_STEP / 2, plus the top-k's float16 and logsumexp rounding).
+    np.testing.assert_allclose(details["tail_logits"], full, rtol=0,
+                               atol=TAIL_STEP / 2 + 2**-10)
     np.testing.assert_allclose(details["logits"], KNOWN_LOGITS, rtol=0, atol=2**-10)
 
 
-def test_verify_ok_on_good_store_with_matching_manifest(store_path, tmp_path):
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """(manifest.json path, manifest) of tiny prepared shards: --manifest checks the tar
+    shards beside it too."""
+    out = tmp_path_factory.mktemp("inspect") / "shards"
+    manifest = prepare_tiny_shards(out)
+    return out / "manifest.json", manifest
+
+
+def test_verify_ok_on_good_store_with_matching_manifest(store_path, prepared, tmp_path):
     result = invoke(store_path, "--verify")
     # The OK line on stdout (verify's progress bar goes to stderr)
     assert result.exit_code == 0 and result.stdout.startswith("OK "), result.output
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"fingerprint": "fp-abc", "train": {"rows": ROWS}}))
-    result = invoke(store_path, "--verify", "--manifest", manifest)
-    assert result.exit_code == 0 and "matches the manifest fingerprint" in result.output
+    assert result.stdout.strip() == (f"OK {store_path}: 3 shards, 25 rows x 2 views complete, "
+                                     "every chunk matches its checksum")
+    manifest_file, manifest = prepared
+    path, _ = build_store(tmp_path / "matching.zarr", fingerprint=manifest["fingerprint"])
+    result = invoke(path, "--verify", "--manifest", manifest_file)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == (
+        f"OK {path}: 3 shards, 25 rows x 2 views complete, every chunk matches its checksum and "
+        "matches the manifest fingerprint; every tar shard matches its sha256")
 
 
 def test_verify_fails_on_missing_shard(tmp_path):
@@ -196,12 +218,23 @@ def test_row_view_of_an_incomplete_store_shows_a_written_row(tmp_path):
         result.output)
 
 
-def test_verify_fails_on_fingerprint_mismatch(store_path, tmp_path):
+@pytest.mark.xfail(strict=True, reason=(
+    "pipeline bug, reported to the lead: pipeline/inspect.py calls verify_shards, whose "
+    "load_manifest raises UserError, outside any handler: a traceback, not a one-line error"))
+def test_verify_with_a_manifest_prepare_did_not_write_is_a_one_line_error(store_path, tmp_path):
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"fingerprint": "fp-new", "train": {"rows": ROWS}}))
+    manifest.write_text('{"fingerprint": "fp-abc"}')
     result = invoke(store_path, "--verify", "--manifest", manifest)
     assert result.exit_code != 0
-    assert "fingerprint expected 'fp-new', found 'fp-abc'" in result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "not a manifest prepare wrote" in result.output
+
+
+def test_verify_fails_on_fingerprint_mismatch(store_path, prepared):
+    manifest_file, manifest = prepared
+    result = invoke(store_path, "--verify", "--manifest", manifest_file)
+    assert result.exit_code != 0
+    assert f"fingerprint expected {manifest['fingerprint']!r}, found 'fp-abc'" in result.output
 
 
 def damaged(path, array, shard, first, last, view) -> re.Pattern:
@@ -231,6 +264,19 @@ def test_verify_finds_non_finite_data_with_a_matching_checksum(store_path):
     position = open_store(store_path).array_names.index("logsumexp")
     group[CHECKSUMS][2, 1, position] = zlib.crc32(group["logsumexp"][1, 20:25].tobytes())
     assert verify_store(store_path) == ["shard 2 (rows 20..24), view 1: non-finite logsumexp"]
+
+
+def test_verify_finds_a_damaged_tail_basis(tmp_path):
+    path, _ = build_store(tmp_path / "tail.zarr", tail="quantized")
+    assert verify_store(path) == []
+    group = zarr.open_group(path, mode="r+")
+    group["tail_basis"][0, 0] += 1.0  # every shard decodes through the basis
+    problems = verify_store(path)
+    assert len(problems) == 1 and re.fullmatch(
+        re.escape(f"logit store {path}: array 'tail_basis' is missing or damaged")
+        + r".*; delete the store and rerun dump_logits", problems[0]), problems
+    result = invoke(path, "--verify")
+    assert result.exit_code != 0 and "'tail_basis' is missing or damaged" in result.output
 
 
 def test_verify_finds_a_missing_chunk(store_path):

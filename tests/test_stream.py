@@ -20,7 +20,9 @@ from pipeline.errors import UserError
 from pipeline.params import DataParams
 from pipeline.shards import prepare_shards
 from pipeline.store import (LOGIT_FIELDS, StoreMismatchError, create_store, finalize_store,
-                            open_store, shard_bounds, teacher_logits_from_fields, write_shard)
+                            fit_tail_basis, open_store, shard_bounds, teacher_logits_from_fields,
+                            write_shard, write_tail_basis)
+from pipeline.store.tail import TAIL_STEP, tail_components
 from pipeline.stream import (FRESH_VIEW_OFFSET, ViewSource, decode, split_shards,
                              train_loader)
 
@@ -101,6 +103,10 @@ def write_row_coded_store(path, manifest, labels, *, views=VIEWS, tail="quantize
     group = create_store(str(path), rows=rows, views=views, topk=2, num_classes=num_classes,
                          shard_rows=SHARD_SIZE, tail=tail,
                          attributes=store_attributes(manifest, **attribute_changes))
+    if tail == "quantized":  # the tail's PCA basis, before any shard (as the dump does)
+        log_probs = arrays["logits"][0] - arrays["logits"][0].max(-1, keepdims=True)
+        log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+        write_tail_basis(group, fit_tail_basis(log_probs, tail_components(num_classes)))
     for index in range(len(manifest["splits"]["train"]["shards"])):
         start, stop = shard_bounds(rows, SHARD_SIZE, index)
         write_shard(group, index, **{name: array[:, start:stop] for name, array in arrays.items()},
@@ -113,15 +119,19 @@ def write_row_coded_store(path, manifest, labels, *, views=VIEWS, tail="quantize
 def assert_teacher_fields_of(data, positions, rows, views, store, arrays):
     """The teacher fields of batch entries `positions` are the stored ones of (view, row): as
     stored (bit for bit against the store's reader), naming the row, and decoding to the row's
-    logits within half a tail step."""
+    logits (every class within TAIL_STEP / 2 with a quantised tail)."""
     assert data["topk_log_probs"].dtype == torch.float16
     assert data["topk_classes"].dtype == torch.int64
     assert data["logsumexp"].dtype == torch.float32
+    tail_fields = {"tail_coefficients", "tail_residuals"}
+    assert tail_fields <= set(LOGIT_FIELDS)
     if store.tail == "quantized":
-        assert data["tail_codes"].dtype == torch.uint8
-        assert data["tail_floor"].dtype == torch.float16
+        assert data["tail_coefficients"].dtype == torch.int8
+        assert data["tail_coefficients"].shape[1:] == (store.attributes["tail_components"],)
+        assert data["tail_residuals"].dtype == torch.int16  # steps, unzigzagged
+        assert data["tail_residuals"].shape[1:] == (store.num_classes,)
     else:
-        assert "tail_codes" not in data and "tail_floor" not in data
+        assert not tail_fields & set(data)
     fields = [name for name in LOGIT_FIELDS if name in data]
     for position, row, view in zip(positions, rows, views):
         stored = store.read_rows(view, row, row + 1)
@@ -133,12 +143,11 @@ def assert_teacher_fields_of(data, positions, rows, views, store, arrays):
         assert data["topk_log_probs"][position, 1].item() == -(1.5 + (4 * row + view) / 1024)
         assert data["logsumexp"][position].item() == row + 1000 * view
     decoded = teacher_logits_from_fields({name: data[name][positions] for name in fields},
-                                         store.num_classes).numpy()  # (n, C)
+                                         store.num_classes, store.tail_basis).numpy()  # (n, C)
     expected = arrays["logits"][views, rows]  # (n, C)
     if store.tail == "quantized":  # every class within half a step (+ float32 rounding)
-        top = data["topk_log_probs"][positions, -1].float().numpy()
-        step = (top - data["tail_floor"][positions].float().numpy()) / 255
-        assert (np.abs(decoded - expected) <= step[:, None] / 2 + 1e-3).all()
+        error = np.abs(decoded - expected)
+        assert (error <= TAIL_STEP / 2 + 1e-3).all(), error.max()
     else:  # the top-2 exact, the rest filled evenly
         top = np.take_along_axis(expected, data["topk_classes"][positions].numpy(), -1)
         decoded_top = np.take_along_axis(decoded, data["topk_classes"][positions].numpy(), -1)
