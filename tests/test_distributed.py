@@ -49,7 +49,8 @@ def assert_same_store(found_path, expected_path):
     assert set(found) == set(expected)
     # the toy store keeps a quantised tail (k = 2 < C = 3): its arrays are compared too
     names = open_store(str(found_path)).array_names
-    assert {"tail_codes", "tail_floor"} <= set(names) <= set(found)
+    assert {"tail_coefficients", "tail_residuals"} <= set(names) <= set(found)
+    assert {"tail_mean", "tail_basis", "tail_scales"} <= set(found)  # the basis rank 0 fitted
     for name in expected:
         assert expected[name].dtype == found[name].dtype, name
         assert expected[name].tobytes() == found[name].tobytes(), name
@@ -78,7 +79,7 @@ def test_two_rank_dump_equals_the_single_process_dump(stage_one_data, teacher_ch
 
 
 # Run the dump stage, but kill the rank writing shard 2 halfway through writing it: part of
-# its tail codes land, then the process dies without cleanup (like SIGKILL).
+# its tail residuals land, then the process dies without cleanup (like SIGKILL).
 KILLED_MID_SHARD_2 = textwrap.dedent("""
     import os, runpy, sys
     import pipeline.dump
@@ -87,7 +88,7 @@ KILLED_MID_SHARD_2 = textwrap.dedent("""
 
     def write_shard(group, shard_index, **arrays):
         if shard_index == 2:
-            group["tail_codes"][:, 16:24] = 7
+            group["tail_residuals"][:, 16:24] = 7
             os._exit(17)
         real_write_shard(group, shard_index, **arrays)
 

@@ -5,6 +5,7 @@ writes) by URL."""
 import fsspec
 import numpy as np
 import pytest
+import torch
 
 from helpers_stage_one import (TRAIN_ROWS, params_from, stage_one_data,  # noqa: F401
                                teacher_checkpoint, with_changes)
@@ -40,10 +41,13 @@ def test_shards_and_store_by_url(stage_one_data, teacher_checkpoint, shards_url,
                 str(local))
     by_url, on_disk = open_store(store_url), open_store(str(local))
     assert by_url.attributes == on_disk.attributes
-    assert {"tail_codes", "tail_floor"} <= set(by_url.array_names)  # the quantised tail too
+    # the quantised tail too: its per-view arrays and the store's basis
+    assert {"tail_coefficients", "tail_residuals"} <= set(by_url.array_names)
+    for name in ("mean", "basis", "scales"):
+        assert torch.equal(getattr(by_url.tail_basis, name), getattr(on_disk.tail_basis, name))
     for view in range(by_url.views):
         read = on_disk.read_rows(view, 0, TRAIN_ROWS)
-        assert "tail_codes" in read
+        assert "tail_residuals" in read
         for name, values in read.items():
             assert np.array_equal(by_url.read_rows(view, 0, TRAIN_ROWS)[name], values), name
         assert np.array_equal(by_url.teacher_logits(view, 0, TRAIN_ROWS),

@@ -3,7 +3,7 @@
 One module fixture runs stage one for real on 86 rows: prepare, a 1-epoch resnet8 teacher,
 dump_logits with k = C = 10 and the teacher's image size equal to the student's, so the cache is
 exact up to float16 storage and can be compared with the live teacher; a second dump keeps the
-top-2 and the quantised tail, which must come back within half a quantisation step.
+top-2 and the quantised tail, which must come back within TAIL_STEP / 2.
 """
 
 import json
@@ -19,10 +19,11 @@ from pipeline.augment import normalize
 from pipeline.distill import (CachedTeacher, OnlineTeacher, _run, crop_spec, load_model,
                               student_objective, train_student, train_teacher)
 from pipeline.dump import dump_logits
-from pipeline.losses import PreviousEpochPrior, expand_topk
+from pipeline.losses import PreviousEpochPrior
 from pipeline.params import Params, ParamsError, check_consistency, parse, to_dict
 from pipeline.shards import file_sha256
 from pipeline.store import StoreMismatchError, open_store
+from pipeline.store.tail import TAIL_STEP
 from pipeline.stream import ViewSource, split_shards, train_loader
 from pipeline.train import CHECKPOINT, load_checkpoint
 from test_stream import IMAGE_SIZE, SEED, prepare_tiny_shards, write_row_coded_store
@@ -120,23 +121,24 @@ def test_cached_quantized_tail_matches_the_online_teacher(stage_one, top2_tail_s
     assert (store.topk, store.tail, store.exact_logits) == (2, "quantized", True)
     batch = first_batch(shards_dir, manifest, params, store)
     assert batch["topk_log_probs"].shape == (32, 2)
-    assert batch["tail_codes"].shape == (32, NUM_CLASSES)
-    assert batch["tail_codes"].dtype == torch.uint8
-    assert batch["tail_floor"].dtype == torch.float16
+    components = store.attributes["tail_components"]
+    assert batch["tail_coefficients"].shape == (32, components)
+    assert batch["tail_coefficients"].dtype == torch.int8
+    assert batch["tail_residuals"].shape == (32, NUM_CLASSES)
+    assert batch["tail_residuals"].dtype == torch.int16
     images = normalize(batch["images"])
-    cached, _ = CachedTeacher(NUM_CLASSES, None, torch.device("cpu"))(batch, images)
+    cached, _ = CachedTeacher(NUM_CLASSES, None, torch.device("cpu"), store.tail_basis)(
+        batch, images)
     teacher, _ = load_model(checkpoint)
     online, _ = OnlineTeacher(teacher)(batch, images)
-    # Every class within half a step (smallest top-k log-probability - floor) / 255, plus the
-    # float16 / 16-bit rounding of the exact top-k and the float32 batch-size noise.
-    step = (batch["topk_log_probs"][:, -1].float() - batch["tail_floor"].float()) / 255
-    assert (step > 0).all()
+    # Every class within half a step, TAIL_STEP / 2, plus the float16 / 16-bit rounding of the
+    # exact top-k and the float32 batch-size noise.
     error = (cached - online).abs()
-    assert (error <= step[:, None] / 2 + 2e-3).all(), (error - step[:, None] / 2).max()
+    assert (error <= TAIL_STEP / 2 + 2e-3).all(), error.max()
     top = batch["topk_classes"]
     torch.testing.assert_close(cached.gather(1, top), online.gather(1, top), rtol=2**-10,
                                atol=2e-3)
-    # The losses and their gradients follow (a barely trained teacher: a small step).
+    # The losses and their gradients follow (measured here: 0.7 % off in gradient).
     student_logits = 3 * torch.randn(32, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
     for loss in ("kl", "ikl"):
         objective = student_objective(tiny_params(loss=loss).student)
@@ -151,7 +153,7 @@ def test_cached_quantized_tail_matches_the_online_teacher(stage_one, top2_tail_s
             torch.testing.assert_close(from_cache[term], live[term], rtol=1e-2, atol=1e-4,
                                        msg=f"{loss} {term}")
         relative = (cache_grad - live_grad).norm() / live_grad.norm()
-        assert relative < 2e-3, f"{loss}: gradient {relative:.5f} off"
+        assert relative < 2e-2, f"{loss}: gradient {relative:.5f} off"  # DESIGN: within 2 %
 
 
 def test_cached_teacher_gives_the_stored_prior_row_of_each_label(stage_one):
@@ -282,10 +284,8 @@ def test_a_different_store_does_not_resume_the_student(stage_one, tmp_path):
 def view_prior(store, view, temperature):
     """(C, C): per label, the mean of softmax(t / T2) over every row's crop `view`, read from
     the store directly (k = C: the stored logits are the teacher's, to float16)."""
-    rows = store.read_rows(view, 0, store.rows)
-    logits = expand_topk(torch.from_numpy(rows["topk_logits"]),
-                         torch.from_numpy(rows["topk_classes"].astype(np.int64)),
-                         torch.from_numpy(rows["logsumexp"]), NUM_CLASSES).double()
+    assert store.exact_logits
+    logits = torch.from_numpy(store.teacher_logits(view, 0, store.rows)).double()  # (N, C)
     probs = torch.softmax(logits / temperature, dim=1)
     labels = torch.from_numpy(np.asarray(store.labels[:], dtype=np.int64))
     return torch.stack([probs[labels == c].mean(0) for c in range(NUM_CLASSES)])
