@@ -85,22 +85,24 @@ def _dump(store_path: str, wanted: dict, shape: dict, attributes: dict, shards: 
     settings, spec = params.logits, crop_spec(params.augment)
     num_classes = shape["num_classes"]
     # every rank decides before rank 0 writes; rank 0 clears a stale replacement
-    target = _target_path(store_path, wanted, clear_stale=ranks.is_main)
+    target = _target_path(store_path, wanted, is_main=ranks.is_main)
     if target is None:
         if ranks.is_main:
             print(f"{store_path} is complete and matches this dump; kept as it is")
         return
     ranks.barrier()
-    if ranks.is_main:
-        group = create_store(target, **shape, attributes=attributes)
-        create_prior_partials(group, settings.prior_temperatures)
-        if has_tail(dict(group.attrs)) and "tail_mean" not in group:
-            write_tail_basis(group, _fit_tail_basis(shards, teacher, params, spec, num_classes,
-                                                    ranks.device))
-    ranks.barrier()  # the other ranks open the store rank 0 has created or kept
-    if not ranks.is_main:
-        group = create_store(target, **shape, attributes=attributes)
-        create_prior_partials(group, settings.prior_temperatures)  # made by rank 0: a no-op
+    # Rank 0 first, then the others (no-ops after rank 0; they matter when ranks run one
+    # after another): the store, its prior partial sums and its tail basis.
+    for turn in ("main", "others"):
+        if ranks.is_main == (turn == "main"):
+            group = create_store(target, **shape, attributes=attributes)
+            create_prior_partials(group, settings.prior_temperatures)
+            if has_tail(dict(group.attrs)) and "tail_basis_checksums" not in group.attrs:
+                # checksums are written last: without them the basis is absent or torn
+                write_tail_basis(group, _fit_tail_basis(shards, teacher, params, spec,
+                                                        num_classes, ranks.device))
+        if turn == "main":
+            ranks.barrier()  # the other ranks open the store rank 0 has created or kept
     done = completed_shards(group)
     todo = [i for i in range(len(shards)) if i % ranks.world_size == ranks.rank and i not in done]
     for index in tqdm(todo, desc=f"dump {teacher_name}", unit="shard", disable=not ranks.is_main):
@@ -116,23 +118,29 @@ def _dump(store_path: str, wanted: dict, shape: dict, attributes: dict, shards: 
 REPLACEMENT_SUFFIX = ".next"
 
 
-def _target_path(store_path: str, wanted: dict, clear_stale: bool) -> str | None:
+def _target_path(store_path: str, wanted: dict, is_main: bool) -> str | None:
     """Where this dump writes: None when a complete store with exactly these attributes is
     already there (kept, never rewritten); the store itself when it is absent or an unfinished
     dump of the same (resumed); otherwise a replacement beside it, swapped in once complete, so
-    a crash never leaves less than there was."""
+    a crash never leaves less than there was. Rank 0 (`is_main`) also clears a stale
+    replacement and swaps in a finished one a crash left unswapped."""
     existing = open_existing(store_path, mode="r")
     if existing is None:
         return store_path
     if identity(dict(existing.attrs)) == wanted:
         return None if existing.attrs.get("complete") else store_path
-    if clear_stale:  # rank 0 speaks
-        print(f"{store_path} holds another dump; building its replacement in "
-              f"{store_path}{REPLACEMENT_SUFFIX}, swapped in when complete")
     replacement = store_path + REPLACEMENT_SUFFIX
     previous = open_existing(replacement, mode="r")
-    if clear_stale and previous is not None and identity(dict(previous.attrs)) != wanted:
-        _remove(replacement)  # a stale replacement of some other dump
+    if previous is not None and identity(dict(previous.attrs)) == wanted and (
+            previous.attrs.get("complete")):  # finished, then killed before the swap
+        if is_main:
+            _swap_in(replacement, store_path)
+        return None
+    if is_main:
+        if previous is not None and identity(dict(previous.attrs)) != wanted:
+            _remove(replacement)  # a stale replacement of some other dump
+        print(f"{store_path} holds another dump; building its replacement in "
+              f"{replacement}, swapped in when complete")
     return replacement
 
 
@@ -158,11 +166,12 @@ def _fit_tail_basis(shards: list[Shard], teacher, params: Params, spec: CropSpec
     """The quantised tail's PCA basis, fitted on the teacher's log-probabilities of view 0 of
     the first TAIL_FIT_ROWS train rows (prepare shuffles rows, so they mix classes): the same
     rows, crops and teacher on every run, so the basis, and the store, are reproducible."""
-    images, rows = [], []
+    images, rows, urls = [], [], []
     for shard in shards:
         for sample in read_shard(shard):
             images.append(decode(sample))
             rows.append(sample["meta"]["row"])
+            urls.append(shard.url)
         if len(rows) >= TAIL_FIT_ROWS:
             break
     images, rows = images[:TAIL_FIT_ROWS], rows[:TAIL_FIT_ROWS]
@@ -170,6 +179,7 @@ def _fit_tail_basis(shards: list[Shard], teacher, params: Params, spec: CropSpec
                               [image.shape[1] for image in images],
                               [image.shape[2] for image in images], spec=spec)  # view 0
     logits = _teacher_logits(teacher, images, boxes[0], flips[0], params.logits, device)
+    _check_finite(logits, rows, 0, urls)
     log_probs = torch.log_softmax(logits.double(), dim=1).numpy()  # (m, C)
     return fit_tail_basis(log_probs, tail_components(num_classes))
 
@@ -203,17 +213,24 @@ def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, spec: 
     for view in range(settings.views):
         view_logits = _teacher_logits(teacher, images, boxes[view], flips[view], settings,
                                       device)
-        bad = ~torch.isfinite(view_logits).all(dim=1)
-        if bad.any():  # checked here, not only by write_shard, to name the row in one line
-            row = int(rows[bad.nonzero()[0, 0]])
-            raise UserError(f"teacher logits are NaN or Inf at row {row}, view {view} "
-                            f"({shard.url}); check the teacher checkpoint")
+        _check_finite(view_logits, rows, view, shard.url)
         logits.append(view_logits.numpy())
         for accumulator in priors.values():
             accumulator.update(view_logits, torch.from_numpy(labels))
     counts = next(iter(priors.values())).counts.numpy()
     write_prior_partials(group, index, {t: a.sums.numpy() for t, a in priors.items()}, counts)
     write_shard(group, index, logits=np.stack(logits), boxes=boxes, flips=flips, labels=labels)
+
+
+def _check_finite(logits: torch.Tensor, rows, view: int, urls) -> None:
+    """Stop on NaN or Inf teacher logits (n, C), naming the first row, the view and the row's
+    shard (urls: one per row, or one for all)."""
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bad.any():
+        first = int(bad.nonzero()[0, 0])
+        url = urls if isinstance(urls, str) else urls[first]
+        raise UserError(f"teacher logits are NaN or Inf at row {int(rows[first])}, view {view} "
+                        f"({url}); check the teacher checkpoint")
 
 
 @torch.no_grad()

@@ -226,7 +226,10 @@ def inspect_command(store_path: str, row: int | None, view: int, verify: bool,
                 raise click.ClickException(f"manifest {manifest} has no 'fingerprint' key")
         problems = verify_store(store_path, fingerprint=fingerprint, progress=True)
         if manifest:  # the tar shards too, against the manifest's sha256
-            problems += verify_shards(str(Path(manifest).parent))
+            try:
+                problems += verify_shards(str(Path(manifest).parent))
+            except UserError as error:
+                problems.append(str(error))
         if problems:
             raise click.ClickException("verify failed for " + store_path + ":\n  "
                                        + "\n  ".join(problems))

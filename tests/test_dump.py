@@ -250,10 +250,6 @@ def test_killed_dump_resumes_to_an_identical_store(stage_one_data, teacher_check
     assert PARTIALS_GROUP not in zarr.open_group(str(path), mode="r")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline bug, reported to the lead: pipeline/dump.py writes the tail basis only when "
-    "'tail_mean' is absent, so a dump killed after tail_mean landed but before the basis "
-    "checksums fails every rerun with StoreCorruptError from read_tail_basis"))
 def test_a_dump_killed_while_writing_the_tail_basis_resumes_to_an_identical_store(
         stage_one_data, teacher_checkpoint, store_path, tmp_path, monkeypatch):
     real_write_tail_basis = pipeline.dump.write_tail_basis
@@ -316,10 +312,6 @@ class FakeRank:
         pass
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline bug (regression of 72b5950), reported to the lead: only rank 0 writes the tail "
-    "basis (pipeline/dump.py), so a rank run before rank 0 (barriers not synchronising) fails "
-    "in write_shard -> read_tail_basis: 'tail_mean' is missing"))
 def test_ranks_writing_disjoint_shards_give_the_same_store(stage_one_data, teacher_checkpoint,
                                                            store_path, tmp_path, monkeypatch):
     path = tmp_path / "two_ranks.zarr"
@@ -391,11 +383,6 @@ def test_student_refuses_a_store_of_another_teacher_or_seed(stage_one_data, teac
     assert not (tmp_path / "student").exists()  # refused before any training
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline bug, reported to the lead: pipeline/dump.py _fit_tail_basis runs the teacher on "
-    "the basis rows before any shard without checking the logits, so a NaN teacher ends in "
-    "numpy's LinAlgError 'SVD did not converge' (a traceback) instead of the UserError naming "
-    "the row and view"))
 def test_nan_teacher_stops_the_dump_naming_the_row(stage_one_data, teacher_checkpoint,
                                                     tmp_path):
     state = torch.load(teacher_checkpoint, weights_only=True)
@@ -616,10 +603,6 @@ def test_rerun_with_other_params_builds_a_replacement_and_swaps_it_in(
         assert_bitwise_equal(swapped[name], array, name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline bug, reported to the lead: a dump killed after finishing its replacement "
-    "(<path>.next) but before swapping it in fails on every rerun: create_store refuses the "
-    "complete .next ('already complete'), pipeline/dump.py _target_path"))
 def test_a_dump_killed_before_swapping_in_its_finished_replacement_completes_on_rerun(
         stage_one_data, teacher_checkpoint, store_path, tmp_path, monkeypatch):
     data = stage_one_data

@@ -193,13 +193,6 @@ def test_verify_fails_on_missing_shard(tmp_path):
     assert verify_store(path)[1] == "1 of 3 shards not written: [1]"
 
 
-# LogitStore.labels checks the label checksum of every shard, written or not, so an unwritten
-# shard's labels read as "missing or damaged" (pipeline/store/reading.py, LogitStore.labels).
-UNWRITTEN_LABELS_BUG = ("pipeline bug, reported to the lead: LogitStore.labels verifies the "
-                        "labels of shards not written yet and raises StoreCorruptError")
-
-
-@pytest.mark.xfail(strict=True, reason=UNWRITTEN_LABELS_BUG)
 def test_verify_of_an_incomplete_store_reports_only_the_unwritten_shards(tmp_path):
     path, _ = build_store(tmp_path / "partial.zarr", shards=(0, 2), finalize=False)
     assert verify_store(path) == [
@@ -207,7 +200,6 @@ def test_verify_of_an_incomplete_store_reports_only_the_unwritten_shards(tmp_pat
         "1 of 3 shards not written: [1]"]
 
 
-@pytest.mark.xfail(strict=True, reason=UNWRITTEN_LABELS_BUG)
 def test_row_view_of_an_incomplete_store_shows_a_written_row(tmp_path):
     path, dump = build_store(tmp_path / "partial.zarr", shards=(0, 2), finalize=False)
     result = invoke(path, "--row", 21, "--view", 0)
@@ -218,9 +210,6 @@ def test_row_view_of_an_incomplete_store_shows_a_written_row(tmp_path):
         result.output)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline bug, reported to the lead: pipeline/inspect.py calls verify_shards, whose "
-    "load_manifest raises UserError, outside any handler: a traceback, not a one-line error"))
 def test_verify_with_a_manifest_prepare_did_not_write_is_a_one_line_error(store_path, tmp_path):
     manifest = tmp_path / "manifest.json"
     manifest.write_text('{"fingerprint": "fp-abc"}')

@@ -93,11 +93,12 @@ class LogitStore:
 
     @property
     def labels(self) -> np.ndarray:
-        """(N,) label of every row, checked against each shard's checksum (read once)."""
+        """(N,) label of every row (0 in shards not written yet), checked against each written
+        shard's checksum (read once)."""
         if self._labels is None:
             labels = self._read(self.group["labels"], "labels", slice(None))
             recorded = self._read(self.group[LABEL_CHECKSUMS], LABEL_CHECKSUMS, slice(None))
-            for shard_index in range(self.num_shards):
+            for shard_index in sorted(self.completed_shards()):
                 start, stop = self.shard_bounds(shard_index)
                 if chunk_checksum(labels[start:stop]) != recorded[shard_index]:
                     raise self._corrupt("labels", shard_index)
