@@ -122,20 +122,20 @@ def _target_path(store_path: str, wanted: dict, is_main: bool) -> str | None:
     """Where this dump writes: None when a complete store with exactly these attributes is
     already there (kept, never rewritten); the store itself when it is absent or an unfinished
     dump of the same (resumed); otherwise a replacement beside it, swapped in once complete, so
-    a crash never leaves less than there was. Rank 0 (`is_main`) also clears a stale
-    replacement and swaps in a finished one a crash left unswapped."""
+    a crash never leaves less than there was. Rank 0 (`is_main`) also finishes a swap a crash
+    interrupted and clears a stale replacement."""
+    replacement = store_path + REPLACEMENT_SUFFIX
+    previous = open_existing(replacement, mode="r")
+    if previous is not None and identity(dict(previous.attrs)) == wanted and (
+            previous.attrs.get("complete")):  # finished, then killed before or in the swap
+        if is_main:
+            _swap_in(replacement, store_path)
+        return None
     existing = open_existing(store_path, mode="r")
     if existing is None:
         return store_path
     if identity(dict(existing.attrs)) == wanted:
         return None if existing.attrs.get("complete") else store_path
-    replacement = store_path + REPLACEMENT_SUFFIX
-    previous = open_existing(replacement, mode="r")
-    if previous is not None and identity(dict(previous.attrs)) == wanted and (
-            previous.attrs.get("complete")):  # finished, then killed before the swap
-        if is_main:
-            _swap_in(replacement, store_path)
-        return None
     if is_main:
         if previous is not None and identity(dict(previous.attrs)) != wanted:
             _remove(replacement)  # a stale replacement of some other dump
@@ -145,15 +145,18 @@ def _target_path(store_path: str, wanted: dict, is_main: bool) -> str | None:
 
 
 def _swap_in(replacement: str, store_path: str) -> None:
-    """Move the complete `replacement` to `store_path`, the old store out of the way first."""
+    """Move the complete `replacement` to `store_path`, the old store (if any: a swap killed
+    midway has moved it already) out of the way first and deleted last."""
     fs, path = fsspec.core.url_to_fs(store_path)
     _, new = fsspec.core.url_to_fs(replacement)
     old = path + ".old"
+    if fs.exists(path):
+        if fs.exists(old):
+            fs.rm(old, recursive=True)
+        fs.mv(path, old, recursive=True)
+    fs.mv(new, path, recursive=True)
     if fs.exists(old):
         fs.rm(old, recursive=True)
-    fs.mv(path, old, recursive=True)
-    fs.mv(new, path, recursive=True)
-    fs.rm(old, recursive=True)
 
 
 def _remove(store_path: str) -> None:

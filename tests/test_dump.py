@@ -626,10 +626,6 @@ def test_a_dump_killed_before_swapping_in_its_finished_replacement_completes_on_
     assert sorted(os.listdir(tmp_path)) == ["teacher.zarr"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline bug, reported to the lead: pipeline/dump.py _target_path returns the store path "
-    "when nothing is there, ignoring a complete <path>.next (and <path>.old) left by a kill "
-    "inside _swap_in: the rerun dumps every shard again and leaves .next and .old behind"))
 def test_a_dump_killed_midway_through_the_swap_completes_it_on_rerun(
         stage_one_data, teacher_checkpoint, store_path, tmp_path, monkeypatch):
     """Killed between moving the old store aside and moving the replacement in: nothing is
