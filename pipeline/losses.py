@@ -91,8 +91,6 @@ __all__ = [
     "ClassPriorAccumulator",
     "PreviousEpochPrior",
     "class_prior",
-    "expand_topk",
-    "MIN_RESIDUAL_MASS",
 ]
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -648,51 +646,3 @@ def class_prior(
     )
     accumulator.update(teacher_logits, labels)
     return accumulator.compute()
-
-
-# ---------------------------------------------------------------------------------------------
-# Top-k teacher logits from the store
-# ---------------------------------------------------------------------------------------------
-
-# Floor on the residual probability mass outside the top-k. Stored top-k logits are float16, so
-# 1 - sum(top-k probs) is noisy and can come out <= 0 for a confident teacher; the floor keeps
-# the filled logits finite (lse + log(1e-12 / (C - k)) is about lse - 27.6 - log(C - k), far
-# below any top-k logit) so neither -inf nor NaN reaches the losses. 1e-12 is far below float32's
-# resolution of 1, so the floor never changes a residual that is actually measurable.
-MIN_RESIDUAL_MASS = 1e-12
-
-
-def expand_topk(
-    topk_logits: Tensor, topk_classes: Tensor, logsumexp: Tensor, num_classes: int
-) -> Tensor:
-    """Full (B, C) float32 teacher logits from the store's top-k.
-
-    topk_logits (B, k) float16/float32, topk_classes (B, k) any integer dtype, logsumexp (B,)
-    float32 (over all C original logits). Classes outside the top-k share the residual mass
-    evenly: logit = lse + log(residual / (C - k)), residual = 1 - sum_j exp(topk_j - lse),
-    clamped to [MIN_RESIDUAL_MASS, (C - k) * smallest top-k prob] (no tail class can be more
-    likely than a top-k class). Top-k probabilities are exact whenever the residual is not
-    clamped; with k == C the logits are returned as stored (exact).
-    """
-    batch, k = topk_logits.shape
-    if topk_classes.shape != topk_logits.shape or logsumexp.shape != (batch,):
-        raise ValueError(
-            f"top-k shapes disagree: logits {tuple(topk_logits.shape)}, classes "
-            f"{tuple(topk_classes.shape)}, logsumexp {tuple(logsumexp.shape)}"
-        )
-    if not 1 <= k <= num_classes:
-        raise ValueError(f"top-k width {k} must be between 1 and num_classes={num_classes}")
-    topk_logits = topk_logits.to(torch.float32)  # (B, k)
-    class_index = topk_classes.to(torch.int64)  # scatter needs int64; store has uint8..int32
-    full = topk_logits.new_empty(batch, num_classes)  # (B, C)
-    if k < num_classes:
-        tail_count = num_classes - k
-        lse = logsumexp.to(torch.float32).unsqueeze(1)  # (B, 1)
-        topk_log_probs = topk_logits - lse  # (B, k)
-        residual = 1.0 - topk_log_probs.exp().sum(dim=1, keepdim=True)  # (B, 1)
-        smallest_prob = topk_log_probs.min(dim=1, keepdim=True).values.exp()  # (B, 1)
-        residual = torch.minimum(residual, tail_count * smallest_prob)
-        residual = residual.clamp_min(MIN_RESIDUAL_MASS)
-        full.copy_((lse + torch.log(residual / tail_count)).expand(batch, num_classes))
-    full.scatter_(1, class_index, topk_logits)
-    return full
