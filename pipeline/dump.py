@@ -84,8 +84,13 @@ def _dump(store_path: str, wanted: dict, shape: dict, attributes: dict, shards: 
           teacher, params: Params, teacher_name: str, ranks) -> None:
     settings, spec = params.logits, crop_spec(params.augment)
     num_classes = shape["num_classes"]
-    # every rank decides before rank 0 writes; rank 0 clears a stale replacement
-    target = _target_path(store_path, wanted, is_main=ranks.is_main)
+    # Rank 0 decides first (finishing an interrupted swap, clearing a stale replacement),
+    # then the others, on what rank 0 left; all before rank 0 writes anything.
+    if ranks.is_main:
+        target = _target_path(store_path, wanted, is_main=True)
+    ranks.barrier()
+    if not ranks.is_main:
+        target = _target_path(store_path, wanted, is_main=False)
     if target is None:
         if ranks.is_main:
             print(f"{store_path} is complete and matches this dump; kept as it is")
