@@ -4,6 +4,8 @@ import click
 
 from pipeline.errors import UserError
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # click context_settings: -h and --help
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
@@ -25,6 +27,17 @@ def run_stage(main):
             raise click.ClickException(str(error)) from None
 
     return wrapper
+
+
+def check_tracked_weights(weights: str, folder: str, key_path: str) -> None:
+    """A model's weights file must lie in `folder`, the folder dvc.yaml declares as the
+    stage's dependency, so that DVC retrains when the file changes (a symlink there works)."""
+    import os
+
+    inside = os.path.abspath(weights).startswith(os.path.abspath(folder) + os.sep)
+    if weights and not inside:
+        raise UserError(f"{key_path}.weights: {weights} is outside {folder}/, the folder DVC "
+                        f"tracks for this stage; move the file (or a symlink to it) there")
 
 
 @cli.command()

@@ -10,11 +10,12 @@ from torch import nn
 
 from pipeline.augment import CropSpec
 from pipeline.losses import DistillationObjective, distillation_objective, expand_topk
-from pipeline.models import build_model
+from pipeline.models import build_model, load_weights
 from pipeline.params import AugmentParams, Params, StudentParams, TrainParams, to_dict
 from pipeline.shards import file_sha256, load_manifest
 from pipeline.store import LogitStore, open_store
 from pipeline.distributed import distributed
+from pipeline.errors import UserError
 from pipeline.stream import ViewSource, epoch_steps, eval_loader, split_shards, train_loader
 from pipeline.train import TrainRun, fit, load_checkpoint
 
@@ -30,11 +31,17 @@ def crop_spec(augment: AugmentParams) -> CropSpec:
 
 
 def model_identity(settings: TrainParams, params: Params, manifest: dict) -> dict:
-    """What a checkpoint records to rebuild its model and to decide whether it can resume."""
-    return {"arch": settings.arch, "small_input": settings.small_input,
-            "num_classes": manifest["num_classes"], "fingerprint": manifest["fingerprint"],
-            "params": {"seed": params.seed, "augment": to_dict(params.augment),
-                       "train": to_dict(settings)}}
+    """What a checkpoint records to rebuild its model and to decide whether it can resume
+    (with the starting weights file's sha256 when it has one)."""
+    identity = {"arch": settings.arch, "small_input": settings.small_input,
+                "num_classes": manifest["num_classes"], "fingerprint": manifest["fingerprint"],
+                "params": {"seed": params.seed, "augment": to_dict(params.augment),
+                           "train": to_dict(settings)}}
+    if settings.weights:
+        if not Path(settings.weights).is_file():
+            raise UserError(f"{settings.weights}: weights file not found (params `weights`)")
+        identity["weights_sha256"] = file_sha256(settings.weights)
+    return identity
 
 
 def load_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict]:
@@ -51,7 +58,7 @@ def train_teacher(params: Params, name: str, shards_dir: str, out_dir: str,
     settings = params.teachers[name]
     manifest = load_manifest(shards_dir)
     run = _run(params, settings, manifest, shards_dir, distillation_objective("ce"),
-               store=None, description=f"teacher {name}")
+               store=None, description=name)
     return fit(_new_model(settings, manifest, params.seed), run, out_dir, live_dir)
 
 
@@ -131,7 +138,10 @@ class OnlineTeacher:
 
 def _new_model(settings: TrainParams, manifest: dict, seed: int) -> nn.Module:
     torch.manual_seed(seed)  # the same initial weights on every run and rank
-    return build_model(settings.arch, manifest["num_classes"], small_input=settings.small_input)
+    model = build_model(settings.arch, manifest["num_classes"], small_input=settings.small_input)
+    if settings.weights:
+        load_weights(model, settings.weights, reset_head=settings.reset_head)
+    return model
 
 
 def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,

@@ -86,9 +86,12 @@ def write_report(metrics: dict, per_class: list[dict], class_names: list[str],
 
 
 def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: str,
-                        metrics_file: str, per_class_file: str) -> dict:
-    """Test-split report of one checkpoint, written for DVC; returns the metrics."""
+                        metrics_file: str, per_class_file: str, plot_file: str | None = None,
+                        name: str = "model") -> dict:
+    """Test-split report of one checkpoint, written for DVC (and, given `plot_file`, a PNG of
+    per-class accuracy against train count titled with `name`); returns the metrics."""
     from pipeline.distill import load_model
+    from pipeline.plots import plot_per_class, read_per_class
     from pipeline.shards import load_manifest
     from pipeline.stream import eval_loader, split_shards
     from pipeline.distributed import distributed
@@ -106,4 +109,7 @@ def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: s
     logits, labels = predict(model.to(device), batches, device)
     metrics, per_class = long_tail_report(logits, labels, manifest["train_counts"], settings)
     write_report(metrics, per_class, manifest["class_names"], metrics_file, per_class_file)
+    if plot_file:
+        plot_per_class([read_per_class(per_class_file, f"{name} ({state['arch']})")], settings,
+                       plot_file)
     return metrics

@@ -85,13 +85,17 @@ class TrainParams:
     arch: str = "resnet18"  # a name from pipeline.models (unknown names list the known ones)
     small_input: bool = False  # 3x3 stem, no max-pool: for 32 px images
     image_size: int = _param(224, at_least(8))  # side of the crop the model sees
-    epochs: int = _param(90, at_least(1))
+    epochs: int = _param(90, at_least(0))  # 0: use `weights` as they are (evaluate, dump)
     batch_size: int = _param(128, at_least(1))
     lr: float = _param(0.05, above(0))
     momentum: float = _param(0.9, between(0, 1))
     weight_decay: float = _param(5e-4, at_least(0))
     warmup_epochs: int = _param(0, at_least(0))  # linear warm-up, then cosine to zero
     workers: int = _param(2, at_least(0))  # DataLoader processes
+    # Start from a weights file (torchvision / timm / this project's checkpoint; keep it under
+    # weights/, which DVC tracks); "" trains from random initialisation.
+    weights: str = ""
+    reset_head: bool = False  # re-initialise a head trained for another number of classes
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,10 @@ def check_consistency(params: Params) -> Params:
             and ikl.weight_temperature not in params.logits.prior_temperatures):
         raise ParamsError(f"student.ikl.weight_temperature: {ikl.weight_temperature:g} has no "
                           "stored class prior; add it to logits.prior_temperatures")
+    for key_path, model in [*((f"teachers.{name}", settings)
+                              for name, settings in params.teachers.items()),
+                            ("student", params.student)]:
+        _check_weights(key_path, model)
     student = params.student
     if student.online_teacher and student.loss == "ikl" and ikl.weights == "class_prior":
         raise ParamsError("student.online_teacher: the live teacher gives sample-wise IKL "
@@ -210,6 +218,18 @@ def check_consistency(params: Params) -> Params:
                           f"{params.logits.views} cached views (logits.views); the extra crops "
                           "would repeat")
     return params
+
+
+def _check_weights(key_path: str, settings: TrainParams) -> None:
+    if settings.epochs == 0 and not settings.weights:
+        raise ParamsError(f"{key_path}.epochs: 0 uses the weights file as it is, but "
+                          f"{key_path}.weights is empty; name a file or train (epochs >= 1)")
+    if settings.reset_head and not settings.weights:
+        raise ParamsError(f"{key_path}.reset_head: true needs {key_path}.weights (a model "
+                          "without weights already has a fresh head)")
+    if settings.reset_head and settings.epochs == 0:
+        raise ParamsError(f"{key_path}.reset_head: a re-initialised head needs training; set "
+                          f"{key_path}.epochs >= 1")
 
 
 def parse(cls: type, raw: Any, key_path: str) -> Any:
