@@ -49,12 +49,23 @@ def presets() -> None:
     from pipeline.presets import (BASE_PARAMS, IMAGENET_LT_BASELINES, IMAGENET_LT_ROWS,
                                   exp_run_command)
 
+    _echo_smoke()
     click.echo(f"# params file: {BASE_PARAMS}")
     for arch, top1 in IMAGENET_LT_BASELINES.items():
         click.echo(f"# baseline {arch}: paper top-1 {top1:.2f}% (stage evaluate_teacher@{arch})")
     for name, (top1, _) in IMAGENET_LT_ROWS.items():
         paper = f"paper top-1 {top1:.2f}%" if top1 is not None else "no paper number"
         click.echo(f"# {name}: {paper}\n{exp_run_command(name)}")
+
+
+def _echo_smoke() -> None:
+    """How to apply the smoke preset (and undo it: it rewrites the committed results)."""
+    from pipeline.presets import SMOKE_PARAMS
+
+    click.echo(f"# smoke test, the whole pipeline in under a minute on 2 CPU cores:\n"
+               f"#   cp {SMOKE_PARAMS} params.yaml && dvc repro\n"
+               "#   undo: git checkout -- params.yaml dvc.lock results figures && dvc repro\n"
+               "# the paper's ImageNet-LT table:")
 
 
 def _register_commands() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 BASE_PARAMS = Path(__file__).with_name("imagenet_lt.yaml")
+SMOKE_PARAMS = Path(__file__).with_name("smoke.yaml")  # the whole pipeline in under a minute
 
 _X101 = "resnext101_32x4d"
 _GI = {"student.ikl.weights": "class_prior", "student.ikl.weight_temperature": 1.0,
