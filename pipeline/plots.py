@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from pipeline.errors import UserError
 from pipeline.params import EvaluateParams, Params
@@ -57,17 +58,26 @@ def plot_per_class(models: list[PerClass], settings: EvaluateParams, out: str | 
     figure = Figure(figsize=(PANEL_SIZE[0] * len(models), PANEL_SIZE[1]), layout="constrained")
     axes = figure.subplots(1, len(models), sharex=True, sharey=True, squeeze=False)[0]
     counts = [n for model in models for n in model.train_counts]
+    low, high = min(counts) / 1.25, max(counts) * 1.25
     for ax, model in zip(axes, models):
         accuracies = [a for a in model.top1 if not math.isnan(a)]
         mean = sum(accuracies) / len(accuracies) if accuracies else float("nan")
         ax.scatter(model.train_counts, model.top1, s=18, alpha=0.8)
-        ax.axhline(mean, color="grey", linestyle=":", label=f"class mean {mean:.1f}%")
-        for boundary in (settings.few_below, settings.many_above):
-            if min(counts) <= boundary <= max(counts):
+        ax.axhline(mean, color="grey", linestyle=":")
+        # Group boundaries: few < few_below <= medium <= many_above < many.
+        for boundary, below, above in ((settings.few_below - 0.5, "few", "medium"),
+                                       (settings.many_above + 0.5, "medium", "many")):
+            if low < boundary < high:
                 ax.axvline(boundary, color="lightgrey", linestyle="--")
-        ax.set(xscale="log", title=model.label, xlabel="train images of the class",
-               ylim=(-3, 103))
-        ax.legend(loc="lower right", fontsize="small")
+                ax.text(boundary, 0.5, f"{below} | {above}", ha="center", va="center",
+                        rotation=90, backgroundcolor="white",
+                        fontsize="x-small", color="grey", transform=ax.get_xaxis_transform())
+        ax.set(xscale="log", xlim=(low, high), ylim=(-3, 103),
+               title=f"{model.label}: class mean {mean:.1f}%",
+               xlabel="train images of the class (log)")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     axes[0].set_ylabel("test top-1 of the class (%)")
     _save(figure, out)
 
@@ -81,10 +91,10 @@ def plot_training_curves(curves: dict[str, Path], out: str | Path) -> None:
             epochs, values = read_curve(live_dir, metric)
             if epochs:
                 ax.plot(epochs, values, marker="." if len(epochs) < 40 else None, label=label)
-    loss_ax.set(title="training loss", xlabel="epoch", ylabel="mean loss of the epoch",
-                yscale="log")
+    loss_ax.set(title="training loss", xlabel="epoch", ylabel="mean loss of the epoch")
     top1_ax.set(title="validation top-1", xlabel="epoch", ylabel="top-1 (%)")
     for ax in (loss_ax, top1_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize="small")
     _save(figure, out)
