@@ -96,8 +96,13 @@ def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Pa
                                  run.identity)
             ranks.barrier()  # no rank starts the next epoch before the checkpoint exists
         if settings.epochs == 0:  # weights used as they are: validated, then checkpointed with
-            # epoch -1 (none trained) so that dump and evaluate read them like a trained model
-            metrics = validate(model, run.val_batches(), ranks)
+            # epoch -1 (none trained) so that dump and evaluate read them like a trained model.
+            # A matching checkpoint is kept as it is: the later stages need not rerun.
+            if not metrics:
+                metrics = validate(model, run.val_batches(), ranks)
+                if live:
+                    _save_checkpoint(checkpoint_path, model, optimizer, scheduler, -1, metrics,
+                                     run.identity)
             if ranks.is_main:
                 print(f"{run.description}: weights used as they are (epochs 0): val top-1 "
                       f"{metrics['val/top1']:.2f}%", flush=True)
@@ -105,8 +110,6 @@ def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Pa
                 for name, value in metrics.items():
                     live.log_metric(name, value)
                 live.next_step()
-                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, -1, metrics,
-                                 run.identity)
             ranks.barrier()
     return metrics
 
@@ -198,7 +201,8 @@ def _resume(path: Path, identity: dict, model, optimizer, scheduler) -> tuple[in
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    print(f"resuming {path} after epoch {state['epoch'] + 1}")
+    if state["epoch"] >= 0:  # -1: weights used as they are (epochs 0), nothing to resume
+        print(f"resuming {path} after epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, state["metrics"]
 
 
