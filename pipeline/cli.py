@@ -42,7 +42,8 @@ def check_tracked_weights(weights: str, folder: str, key_path: str) -> None:
 
 @cli.command()
 def presets() -> None:
-    """Print the paper's ImageNet-LT runs as `dvc exp run` commands.
+    """Print how to apply the smoke preset, and the paper's ImageNet-LT runs as `dvc exp run`
+    commands.
 
     First copy pipeline/presets/imagenet_lt.yaml over params.yaml and set its data paths.
     """
@@ -62,7 +63,7 @@ def _echo_smoke() -> None:
     """How to apply the smoke preset (and undo it: it rewrites the committed results)."""
     from pipeline.presets import SMOKE_PARAMS
 
-    click.echo(f"# smoke test, the whole pipeline in under a minute on 2 CPU cores:\n"
+    click.echo(f"# smoke test: every stage in tiny settings (about 46 s of CPU time):\n"
                f"#   cp {SMOKE_PARAMS} params.yaml && dvc repro\n"
                "#   undo: git checkout -- params.yaml dvc.lock results figures && dvc repro\n"
                "# the paper's ImageNet-LT table:")
