@@ -148,8 +148,9 @@ def _build_timm(name: str, num_classes: int) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Weights from a file: a plain state_dict or a checkpoint wrapping one.
 
-WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")  # Lightning/timm, this
-#   project/DeiT/torchvision references, common scripts, old DataParallel saves
+# Where checkpoints keep their state_dict: Lightning and timm's train script; this project,
+# DeiT and torchvision's reference scripts; many training scripts; DeepSpeed.
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 KEY_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 
 
@@ -224,7 +225,7 @@ def load_weights(model: nn.Module, path: str | Path, *, reset_head: bool = False
                         "set reset_head: true to re-initialise the head and train it")
     wrong = [f"{key} {tuple(value.shape)} (model {tuple(own[key].shape)})"
              for key, value in state.items() if key in own and own[key].shape != value.shape]
-    # Files from before BatchNorm counted its batches lack num_batches_tracked; torch fills it.
+    # Files from before BatchNorm counted its batches lack num_batches_tracked: keep the model's.
     missing = [key for key in own if key not in state
                and not (reset_head and key in head_keys)
                and not key.endswith("num_batches_tracked")]
