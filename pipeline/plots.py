@@ -91,7 +91,8 @@ def plot_training_curves(curves: dict[str, Path], out: str | Path) -> None:
             epochs, values = read_curve(live_dir, metric)
             if epochs:
                 ax.plot(epochs, values, marker="." if len(epochs) < 40 else None, label=label)
-    loss_ax.set(title="training loss", xlabel="epoch", ylabel="mean loss of the epoch")
+    loss_ax.set(title="training loss (each model's own objective)", xlabel="epoch",
+                ylabel="mean loss of the epoch")
     top1_ax.set(title="validation top-1", xlabel="epoch", ylabel="top-1 (%)")
     for ax in (loss_ax, top1_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
