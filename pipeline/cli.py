@@ -4,6 +4,8 @@ import click
 
 from pipeline.errors import UserError
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # click context_settings: -h and --help
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
@@ -27,17 +29,40 @@ def run_stage(main):
     return wrapper
 
 
+def check_tracked_weights(weights: str, folder: str, key_path: str) -> None:
+    """A model's weights file must lie in `folder`, the folder dvc.yaml declares as the
+    stage's dependency, so that DVC retrains when the file changes (a symlink there works)."""
+    import os
+
+    inside = os.path.abspath(weights).startswith(os.path.abspath(folder) + os.sep)
+    if weights and not inside:
+        raise UserError(f"{key_path}.weights: {weights} is outside {folder}/, the folder DVC "
+                        f"tracks for this stage; move the file (or a symlink to it) there")
+
+
 @cli.command()
 def presets() -> None:
-    """Print the official DKL ImageNet-LT runs, one per official script, as commands.
+    """Print how to apply the smoke preset, and the official DKL ImageNet-LT runs, one per
+    official script, as `dvc exp run` commands.
 
     First copy pipeline/presets/imagenet_lt.yaml over params.yaml and set its data paths.
     """
     from pipeline.presets import BASE_PARAMS, IMAGENET_LT_ROWS, describe, exp_run_command
 
+    _echo_smoke()
     click.echo(f"# params file: {BASE_PARAMS}")
     for name in IMAGENET_LT_ROWS:
         click.echo(f"# {describe(name)}\n{exp_run_command(name)}")
+
+
+def _echo_smoke() -> None:
+    """How to apply the smoke preset (and undo it: it rewrites the committed results)."""
+    from pipeline.presets import SMOKE_PARAMS
+
+    click.echo(f"# smoke test: every stage in tiny settings (about 46 s of CPU time):\n"
+               f"#   cp {SMOKE_PARAMS} params.yaml && dvc repro\n"
+               "#   undo: git checkout -- params.yaml dvc.lock results figures && dvc repro\n"
+               "# the paper's ImageNet-LT table:")
 
 
 def _register_commands() -> None:

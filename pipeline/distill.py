@@ -3,6 +3,7 @@ against cached or online teacher logits)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from pipeline.augment import CropSpec
 from pipeline.checkpoints import load_model
 from pipeline.errors import UserError
 from pipeline.losses import DistillationObjective, PreviousEpochPrior, distillation_objective
-from pipeline.models import build_model
+from pipeline.models import build_model, load_weights
 from pipeline.params import AugmentParams, Params, StudentParams, TrainParams, to_dict
 from pipeline.shards import file_sha256, load_manifest
 from pipeline.store import (LOGIT_FIELDS, LogitStore, TailBasis, open_store,
@@ -32,11 +33,17 @@ def crop_spec(augment: AugmentParams) -> CropSpec:
 
 
 def model_identity(settings: TrainParams, params: Params, manifest: dict) -> dict:
-    """What a checkpoint records to rebuild its model and to decide whether it can resume."""
-    return {"arch": settings.arch, "small_input": settings.small_input,
-            "num_classes": manifest["num_classes"], "fingerprint": manifest["fingerprint"],
-            "params": {"seed": params.seed, "augment": to_dict(params.augment),
-                       "train": to_dict(settings)}}
+    """What a checkpoint records to rebuild its model and to decide whether it can resume
+    (with the starting weights file's sha256 when it has one)."""
+    identity = {"arch": settings.arch, "small_input": settings.small_input,
+                "num_classes": manifest["num_classes"], "fingerprint": manifest["fingerprint"],
+                "params": {"seed": params.seed, "augment": to_dict(params.augment),
+                           "train": to_dict(settings)}}
+    if settings.weights:
+        if not Path(settings.weights).is_file():
+            raise UserError(f"{settings.weights}: weights file not found (params `weights`)")
+        identity["weights_sha256"] = file_sha256(settings.weights)
+    return identity
 
 
 def train_teacher(params: Params, name: str, shards_dir: str, out_dir: str,
@@ -49,7 +56,7 @@ def train_teacher(params: Params, name: str, shards_dir: str, out_dir: str,
                         f"{manifest['num_classes']} classes of {shards_dir}; set logits.topk "
                         f"<= {manifest['num_classes']} before training the teacher")
     run = _run(params, settings, manifest, shards_dir, distillation_objective("ce"),
-               store=None, key=f"teachers.{name}", description=f"teacher {name}")
+               store=None, key=f"teachers.{name}", description=name)
     return fit(_new_model(settings, manifest, params.seed), run, out_dir, live_dir)
 
 
@@ -157,7 +164,10 @@ class OnlineTeacher:
 
 def _new_model(settings: TrainParams, manifest: dict, seed: int) -> nn.Module:
     torch.manual_seed(seed)  # the same initial weights on every rank and run of this seed
-    return build_model(settings.arch, manifest["num_classes"], small_input=settings.small_input)
+    model = build_model(settings.arch, manifest["num_classes"], small_input=settings.small_input)
+    if settings.weights:
+        load_weights(model, settings.weights, reset_head=settings.reset_head)
+    return model
 
 
 def rank_batch_size(batch_size: int, world_size: int, key: str) -> int:

@@ -16,6 +16,7 @@ from pipeline.checkpoints import load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
 from pipeline.params import EvaluateParams
+from pipeline.plots import plot_per_class, read_per_class
 from pipeline.shards import file_sha256, load_manifest
 from pipeline.stream import eval_loader, split_shards
 
@@ -92,8 +93,10 @@ def write_report(metrics: dict, per_class: list[dict], class_names: list[str],
 
 
 def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: str,
-                        metrics_file: str, per_class_file: str) -> dict:
-    """Test-split report of one checkpoint, written for DVC; returns the metrics, with the
+                        metrics_file: str, per_class_file: str, plot_file: str | None = None,
+                        name: str = "model") -> dict:
+    """Test-split report of one checkpoint, written for DVC (and, given `plot_file`, a PNG of
+    per-class accuracy against train count titled with `name`); returns the metrics, with the
     checkpoint's sha256 (`checkpoint_sha256`) to tie them to the exact file evaluated."""
     manifest = load_manifest(shards_dir)
     model, state = load_model(checkpoint)
@@ -110,4 +113,7 @@ def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: s
     metrics, per_class = long_tail_report(logits, labels, manifest["train_counts"], settings)
     metrics["checkpoint_sha256"] = file_sha256(checkpoint)  # which checkpoint these belong to
     write_report(metrics, per_class, manifest["class_names"], metrics_file, per_class_file)
+    if plot_file:
+        plot_per_class([read_per_class(per_class_file, f"{name} ({state['arch']})")], settings,
+                       plot_file)
     return metrics

@@ -86,7 +86,7 @@ class TrainParams:
     arch: str = "resnet18"  # a name from pipeline.models (unknown names list the known ones)
     small_input: bool = False  # 3x3 stem, no max-pool: for 32 px images
     image_size: int = _param(224, at_least(8))  # side of the crop the model sees
-    epochs: int = _param(90, at_least(1))
+    epochs: int = _param(90, at_least(0))  # 0: use `weights` as they are (evaluate, dump)
     # The global batch over all ranks (the paper's -b 128 on 4 GPUs): each of W ranks takes
     # batch_size / W, so the same params train the same way on any number of GPUs.
     batch_size: int = _param(128, at_least(1))
@@ -101,6 +101,10 @@ class TrainParams:
     schedule: str = _param("per_step", one_of("per_step", "per_epoch"))
     precision: str = _param("bf16", one_of("bf16", "fp32"))  # autocast on CUDA; CPU is fp32
     workers: int = _param(2, at_least(0))  # DataLoader processes
+    # Start from a weights file (torchvision / timm / this project's checkpoint; keep it under
+    # weights/, which DVC tracks); "" trains from random initialisation.
+    weights: str = ""
+    reset_head: bool = False  # re-initialise a head trained for another number of classes
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,10 @@ def check_consistency(params: Params) -> Params:
             and ikl.weight_temperature not in params.logits.prior_temperatures):
         raise ParamsError(f"student.ikl.weight_temperature: {ikl.weight_temperature:g} has no "
                           "stored class prior; add it to logits.prior_temperatures")
+    for key_path, model in [*((f"teachers.{name}", settings)
+                              for name, settings in params.teachers.items()),
+                            ("student", params.student)]:
+        _check_weights(key_path, model)
     student = params.student
     if student.online_teacher and student.loss == "ikl" and store_prior:
         raise ParamsError("student.online_teacher: the live teacher has no stored GI prior; set "
@@ -293,6 +301,18 @@ def _check_objective_weights(student: StudentParams) -> None:
         raise ParamsError(f"{', '.join(weights)}: all 0 with student.loss: {student.loss}; "
                           "the loss would be constantly 0 and the student would learn nothing: "
                           "set at least one above 0")
+
+
+def _check_weights(key_path: str, settings: TrainParams) -> None:
+    if settings.epochs == 0 and not settings.weights:
+        raise ParamsError(f"{key_path}.epochs: 0 uses the weights file as it is, but "
+                          f"{key_path}.weights is empty; name a file or train (epochs >= 1)")
+    if settings.reset_head and not settings.weights:
+        raise ParamsError(f"{key_path}.reset_head: true needs {key_path}.weights (a model "
+                          "without weights already has a fresh head)")
+    if settings.reset_head and settings.epochs == 0:
+        raise ParamsError(f"{key_path}.reset_head: a re-initialised head needs training; set "
+                          f"{key_path}.epochs >= 1")
 
 
 def parse(cls: type, raw: Any, key_path: str) -> Any:

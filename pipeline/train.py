@@ -31,7 +31,7 @@ from pipeline.losses import DistillationObjective, PreviousEpochPrior
 from pipeline.locks import exclusive_writer
 from pipeline.params import TrainParams
 
-PROGRESS_EVERY = 20  # steps between progress-bar loss updates (each one syncs the GPU)
+PROGRESS_EVERY = 20  # steps between progress-bar loss updates on a GPU (each one syncs it)
 
 # (batch, images on the device, normalised) -> (teacher logits (B, C) or None,
 #                                              class weights (B, C) or None)
@@ -89,7 +89,10 @@ def _fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | P
             # after the first epoch would log epoch 2 as step 0 again. The checkpoint knows.
             live.step = start_epoch
         for epoch in range(start_epoch, settings.epochs):
-            sums, last_lr = _train_epoch(trained, run, epoch, optimizer, scheduler, ranks)
+            progress = tqdm(total=run.steps_per_epoch, disable=not ranks.is_main,
+                            desc=f"{run.description}: epoch {epoch + 1}/{settings.epochs}")
+            sums, last_lr = _train_epoch(trained, run, epoch, optimizer, scheduler, ranks,
+                                         progress)
             if run.class_prior is not None:  # all ranks' crops of this epoch -> the next prior
                 run.class_prior.end_epoch(ranks.all_reduce_)
             totals = dict(zip(sums, ranks.sum(list(sums.values()))))
@@ -100,6 +103,7 @@ def _fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | P
             if run.test_batches is not None:  # the official protocol's number, for comparison
                 test = validate(model, run.test_batches(), ranks, settings.precision)
                 metrics["test/top1"] = test["val/top1"]
+            _report_epoch(progress, run, epoch, metrics, ranks)
             if live:
                 for name, value in metrics.items():
                     live.log_metric(name, value)
@@ -107,22 +111,48 @@ def _fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | P
                 _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, metrics,
                                  {**run.identity, **_prior_state(run)})
             ranks.barrier()  # no rank starts the next epoch before the checkpoint exists
+        if settings.epochs == 0:  # weights used as they are: validated, then checkpointed with
+            # epoch -1 (none trained) so that dump and evaluate read them like a trained model.
+            # A matching checkpoint is kept as it is: the later stages need not rerun.
+            if not metrics:
+                metrics = validate(model, run.val_batches(), ranks)
+                if live:
+                    _save_checkpoint(checkpoint_path, model, optimizer, scheduler, -1, metrics,
+                                     run.identity)
+            if ranks.is_main:
+                print(f"{run.description}: weights used as they are (epochs 0): val top-1 "
+                      f"{metrics['val/top1']:.2f}%", flush=True)
+            if live:
+                for name, value in metrics.items():
+                    live.log_metric(name, value)
+                live.next_step()
+            ranks.barrier()
     return metrics
 
 
+def _report_epoch(progress: tqdm, run: TrainRun, epoch: int, metrics: dict,
+                  ranks: Distributed) -> None:
+    """The epoch's mean loss and validation top-1 in its bar, then one log line."""
+    progress.set_postfix(loss=f"{metrics['train/loss']:.3f}",
+                         val_top1=f"{metrics['val/top1']:.2f}")
+    progress.close()
+    if ranks.is_main:
+        print(f"{run.description}: epoch {epoch + 1}/{run.settings.epochs} train loss "
+              f"{metrics['train/loss']:.4f}, val top-1 {metrics['val/top1']:.2f}%, top-5 "
+              f"{metrics['val/top5']:.2f}%", flush=True)
+
+
 def _train_epoch(model: nn.Module, run: TrainRun, epoch: int, optimizer, scheduler,
-                 ranks: Distributed) -> tuple[dict[str, float], float]:
+                 ranks: Distributed, progress: tqdm) -> tuple[dict[str, float], float]:
     """One epoch on this rank; returns sample-weighted sums of each loss term + `samples`, and
-    the learning rate of the epoch's last step."""
+    the learning rate of the epoch's last step. `progress` advances per step and shows the
+    epoch's running mean loss."""
     cuda = ranks.device.type == "cuda"
     autocast = _autocast(ranks.device, run.settings.precision)
     last_lr = optimizer.param_groups[0]["lr"]
     model.train()
     sums = defaultdict(float)
-    batches = tqdm(run.train_batches(epoch), total=run.steps_per_epoch,
-                   disable=not ranks.is_main,
-                   desc=f"{run.description} epoch {epoch + 1}/{run.settings.epochs}")
-    for step, batch in enumerate(batches):
+    for step, batch in enumerate(run.train_batches(epoch)):
         images = normalize(batch["images"].to(ranks.device, non_blocking=True))
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -144,8 +174,10 @@ def _train_epoch(model: nn.Module, run: TrainRun, epoch: int, optimizer, schedul
         for name, value in losses.items():
             sums[name] = sums[name] + value.detach() * len(labels)
         sums["samples"] += len(labels)
-        if step % PROGRESS_EVERY == 0:
-            batches.set_postfix(loss=f"{float(sums['loss']) / sums['samples']:.3f}")
+        if not cuda or step % PROGRESS_EVERY == 0:  # running mean of the epoch so far
+            progress.set_postfix(loss=f"{float(sums['loss']) / sums['samples']:.3f}",
+                                 refresh=False)
+        progress.update()
     return {name: float(total) for name, total in sums.items()}, last_lr
 
 
@@ -225,5 +257,6 @@ def _resume(path: Path, run: TrainRun, model, optimizer, scheduler) -> tuple[int
     scheduler.load_state_dict(state["scheduler"])
     if run.class_prior is not None:
         run.class_prior.load_state_dict(state["class_prior"])
-    print(f"resuming {path} after epoch {state['epoch'] + 1}")
+    if state["epoch"] >= 0:  # -1: weights used as they are (epochs 0), nothing to resume
+        print(f"resuming {path} after epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, state["metrics"]

@@ -2,12 +2,12 @@
 
 import click
 
-from pipeline.cli import run_stage
+from pipeline.cli import HELP_OPTIONS, run_stage
 from pipeline.dump import dump_logits
 from pipeline.params import load_params
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--params", "params_file", default="params.yaml", show_default=True,
               help="The params file; reads `seed`, `augment`, `logits`.")
 @click.option("--name", required=True, help="The teacher: a key of `teachers`.")

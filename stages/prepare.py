@@ -2,12 +2,12 @@
 
 import click
 
-from pipeline.cli import run_stage
+from pipeline.cli import HELP_OPTIONS, run_stage
 from pipeline.params import load_params
 from pipeline.shards import prepare_shards
 
 
-@click.command()
+@click.command(context_settings=HELP_OPTIONS)
 @click.option("--params", "params_file", default="params.yaml", show_default=True,
               help="The params file; reads `seed` and `data`.")
 @click.option("--out", required=True, help="Folder for the shards and manifest.json.")

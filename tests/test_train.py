@@ -292,7 +292,9 @@ def test_train_teacher_stage_cli(stage_one_data, tmp_path):
 
     result = runner.invoke(train_main, args + ["--name", "teacher"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("teacher teacher: val top-1 "), result.output  # tqdm: stderr
+    lines = result.stdout.splitlines()  # tqdm's bar goes to stderr
+    assert len(lines) == 2 and lines[0].startswith("teacher: epoch 1/1 train loss "), lines
+    assert lines[1].startswith("teacher teacher: val top-1 "), lines
     state = load(out / CHECKPOINT)
     assert state["epoch"] == 0 and state["params"]["train"]["epochs"] == 1
     assert (tmp_path / "results" / "teacher" / "metrics.json").is_file()

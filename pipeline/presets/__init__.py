@@ -15,6 +15,7 @@ from pathlib import Path
 
 BASE_PARAMS = Path(__file__).with_name("imagenet_lt.yaml")
 OFFICIAL_REPOSITORY = "github.com/jiequancui/DKL"
+SMOKE_PARAMS = Path(__file__).with_name("smoke.yaml")  # the whole pipeline in under a minute
 
 _X101 = "resnext101_32x4d"
 _ARCH = {"X101": _X101, "R50": "resnet50", "R18": "resnet18"}

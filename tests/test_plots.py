@@ -1,0 +1,106 @@
+"""PNG figures that open offline: written by the evaluate and figures stages, declared as
+image plots in dvc.yaml, and free of any reference to a remote URL."""
+
+import re
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.params import EvaluateParams
+from pipeline.plots import plot_per_class, read_curve, read_per_class
+from stages.figures import main as figures_stage
+
+REPO = Path(__file__).resolve().parents[1]
+REMOTE = re.compile(rb"(?i)(https?:|ftp:|//cdn|www\.)")
+TRAIN_COUNTS = [104, 80, 61, 47, 36, 27, 21, 16, 13, 10]  # the digits-LT profile
+
+
+def write_results(results: Path, name: str, top1: list[float], epochs: int) -> None:
+    """results/NAME/per_class.csv and dvclive's train/loss + val/top1 TSVs, as the stages do."""
+    folder = results / name
+    (folder / "train/plots/metrics/train").mkdir(parents=True)
+    (folder / "train/plots/metrics/val").mkdir(parents=True)
+    rows = [f"{c},{c},{n},50,{a}" for c, (n, a) in enumerate(zip(TRAIN_COUNTS, top1))]
+    (folder / "per_class.csv").write_text("class,name,train_count,test_count,top1\n"
+                                          + "\n".join(rows) + "\n")
+    (folder / "train/plots/metrics/train/loss.tsv").write_text(
+        "step\tloss\n" + "".join(f"{e}\t{2.0 / (e + 1)}\n" for e in range(epochs)))
+    (folder / "train/plots/metrics/val/top1.tsv").write_text(
+        "step\ttop1\n" + "".join(f"{e}\t{50 + e}\n" for e in range(epochs)))
+
+
+def assert_offline_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n"), path
+    assert not REMOTE.search(data), f"{path} references a remote URL"
+    with Image.open(path) as image:
+        assert image.size[0] >= 300 and image.size[1] >= 200
+        assert "Software" not in image.info  # matplotlib's would carry its URL
+
+
+def test_figures_stage_writes_offline_pngs(tmp_path):
+    results = tmp_path / "results"
+    write_results(results, "teacher", [98, 100, 96, 98, 94, 96, 92, 88, 84, 80], epochs=5)
+    write_results(results, "baseline", [98, 98, 96, 94, 90, 86, 80, 60, 50, 40], epochs=5)
+    write_results(results, "student", [100, 98, 98, 96, 94, 92, 88, 80, 74, 70], epochs=5)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "teachers": {"teacher": {"arch": "resnet20"}, "baseline": {"arch": "resnet8"}},
+        "student": {"teacher": "teacher", "arch": "resnet8"}}))
+    runner = CliRunner()
+    assert runner.invoke(figures_stage, ["-h"]).exit_code == 0
+    result = runner.invoke(figures_stage, ["--params", str(params), "--results", str(results),
+                                           "--out", str(tmp_path / "figures")])
+    assert result.exit_code == 0, result.output
+    written = sorted((tmp_path / "figures").iterdir())
+    assert [p.name for p in written] == ["per_class.png", "training_curves.png"]
+    for path in written:
+        assert_offline_png(path)
+    with Image.open(written[0]) as image:  # three panels side by side: wider than tall
+        assert image.size[0] > 2.5 * image.size[1]
+
+
+def test_figures_stage_needs_results(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    result = CliRunner().invoke(figures_stage, ["--params", str(params), "--results",
+                                                str(tmp_path), "--out", str(tmp_path / "f")])
+    assert result.exit_code == 1
+    assert "no NAME/per_class.csv for any model" in result.output
+
+
+def test_per_class_plot_and_curves_read_what_the_stages_write(tmp_path):
+    write_results(tmp_path, "m", [float("nan")] + [90.0] * 9, epochs=3)
+    table = read_per_class(tmp_path / "m/per_class.csv", "m (resnet8)")
+    assert table.train_counts == TRAIN_COUNTS and table.top1[1:] == [90.0] * 9
+    assert read_curve(tmp_path / "m/train", "val/top1") == ([1, 2, 3], [50.0, 51.0, 52.0])
+    assert read_curve(tmp_path / "m/train", "val/top5") == ([], [])
+    plot_per_class([table], EvaluateParams(), tmp_path / "one.png")  # NaN class: no crash
+    assert_offline_png(tmp_path / "one.png")
+
+
+def test_dvc_yaml_declares_every_png_as_an_uncached_plot():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    pngs = {}
+    for name, stage in stages.items():
+        stage = stage.get("do", stage)
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path, options = next(iter(entry.items())) if isinstance(entry, dict) else (
+                    entry, {})
+                if path.endswith(".png"):
+                    pngs[path] = (kind, options.get("cache"))
+                    assert f"--plot {path}" in stage["cmd"] or "--out figures" in stage["cmd"]
+    assert pngs == {"results/${key}/per_class.png": ("plots", False),
+                    "results/student/per_class.png": ("plots", False),
+                    "figures/per_class.png": ("plots", False),
+                    "figures/training_curves.png": ("plots", False)}
+
+
+def test_committed_figures_reference_nothing_remote():
+    """The PNGs committed with the results (written by `dvc repro`) open offline too."""
+    committed = sorted(REPO.glob("figures/*.png")) + sorted(REPO.glob("results/*/*.png"))
+    for path in committed:
+        assert_offline_png(path)
