@@ -43,6 +43,12 @@ def presets() -> None:
         paper = f"paper top-1 {top1:.2f}%" if top1 is not None else "no paper number"
         click.echo(f"# {name}: {paper}\n{exp_run_command(name)}")
 
+    from pipeline.presets import GLYPHS_LT_PARAMS  # the embedded 100-class set, on CPU
+
+    click.echo("\n# glyphs-LT: 100 characters rendered from bundled fonts, long-tailed; "
+               "about 15 minutes on 2 CPU cores; nothing to download")
+    click.echo(f"cp {GLYPHS_LT_PARAMS} params.yaml && dvc repro")
+
 
 def _register_commands() -> None:
     from pipeline.inspect import inspect_command

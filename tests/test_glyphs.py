@@ -4,10 +4,13 @@ import json
 import numpy as np
 import pytest
 import webdataset as wds
+from click.testing import CliRunner
 from PIL import Image
 
 from pipeline import glyphs
-from pipeline.params import DataParams
+from pipeline.cli import cli
+from pipeline.params import DataParams, load_params
+from pipeline.presets import GLYPHS_LT_PARAMS
 from pipeline.shards import prepare_shards
 from pipeline.sources import long_tail_counts
 from pipeline.stream import split_shards
@@ -95,3 +98,16 @@ def test_classes_render_differently_and_never_blank():
     confusable = [images[glyphs.CHARACTERS.index(c)].astype(int) for c in "oO0"]
     assert all(np.abs(a - b).mean() > 1 for a in confusable for b in confusable
                if a is not b)
+
+
+def test_preset_is_valid_and_listed():
+    params = load_params(GLYPHS_LT_PARAMS)
+    assert (params.data.source, params.data.imbalance_ratio, params.data.image_size) == (
+        "glyphs_lt", 100.0, 32)
+    assert params.student.loss == "ikl" and params.student.arch == (
+        params.teachers["baseline"].arch)
+    assert (params.logits.views, params.logits.topk) == (8, 5)
+    assert params.augment.flip_probability == 0.0  # b / d, p / q
+    result = CliRunner().invoke(cli, ["presets"])
+    assert result.exit_code == 0
+    assert f"cp {GLYPHS_LT_PARAMS} params.yaml && dvc repro" in result.output

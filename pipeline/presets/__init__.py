@@ -11,6 +11,9 @@ from pathlib import Path
 
 BASE_PARAMS = Path(__file__).with_name("imagenet_lt.yaml")
 
+# The embedded 100-class data set on CPU: a complete params file, applied as it is.
+GLYPHS_LT_PARAMS = Path(__file__).with_name("glyphs_lt.yaml")
+
 _X101 = "resnext101_32x4d"
 _GI = {"student.ikl.weights": "class_prior", "student.ikl.weight_temperature": 1.0,
        "student.ikl.gamma": 0.3, "student.ikl.normalize": True}
