@@ -42,14 +42,14 @@ SUPERSAMPLE = 2  # render at twice the side, then downsample: smooth edges after
 MAX_TRAIN_PER_CLASS = 400  # n_max of the long-tailed train split (CIFAR-100-LT has 500)
 
 # Augmentation ranges, in units of the image side where they are lengths.
-FONT_SIZE = (0.55, 0.95)  # em size; case pairs (c / C) overlap in apparent size
-MAX_SHIFT = 0.12  # of the glyph centre from the image centre, each axis
-MAX_ROTATION = 15.0  # degrees
-MAX_SHEAR = 0.25  # horizontal shear factor
-MAX_STROKE = 0.04  # outline width added around the glyph
-MIN_CONTRAST = 0.35  # |luminance(fg) - luminance(bg)| in [0, 1]
-TEXTURE_AMPLITUDE = 0.35  # low-frequency background texture, in [0, 1] intensity units
-NOISE_STD = 0.06  # per-pixel Gaussian noise, in [0, 1] intensity units
+FONT_SIZE = (0.6, 0.9)  # em size; case pairs (c / C) overlap in apparent size
+MAX_SHIFT = 0.1  # of the glyph centre from the image centre, each axis
+MAX_ROTATION = 10.0  # degrees
+MAX_SHEAR = 0.2  # horizontal shear factor
+MAX_STROKE = 0.03  # outline width added around the glyph
+MIN_CONTRAST = 0.5  # |luminance(fg) - luminance(bg)| in [0, 1]
+TEXTURE_AMPLITUDE = 0.2  # low-frequency background texture, in [0, 1] intensity units
+NOISE_STD = 0.04  # per-pixel Gaussian noise, in [0, 1] intensity units
 
 
 def font_dir() -> Path:
