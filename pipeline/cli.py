@@ -46,7 +46,7 @@ def presets() -> None:
     from pipeline.presets import GLYPHS_LT_PARAMS  # the embedded 100-class set, on CPU
 
     click.echo("\n# glyphs-LT: 100 characters rendered from bundled fonts, long-tailed; "
-               "about 15 minutes on 2 CPU cores; nothing to download")
+               "CPU only (about 19 CPU-minutes in all); nothing to download")
     click.echo(f"cp {GLYPHS_LT_PARAMS} params.yaml && dvc repro")
 
 

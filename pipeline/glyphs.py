@@ -61,8 +61,9 @@ def font_dir() -> Path:
 
 def split_counts(params: DataParams) -> dict[str, list[int]]:
     """Images per class for each split: the exponential long-tail profile for train (n_max =
-    MAX_TRAIN_PER_CLASS, ratio data.imbalance_ratio), data.val_per_class and
-    data.test_per_class for the balanced val and test splits. Cheap: nothing is rendered."""
+    MAX_TRAIN_PER_CLASS, ratio data.imbalance_ratio: 100 in the preset, as CIFAR-100-LT), and
+    data.val_per_class and data.test_per_class for the balanced val and test splits.
+    Cheap: nothing is rendered."""
     classes = len(CHARACTERS)
     counts = {"train": long_tail_counts(MAX_TRAIN_PER_CLASS, classes, params.imbalance_ratio),
               "val": [params.val_per_class] * classes,
