@@ -55,7 +55,8 @@ def one_of(*choices: str) -> Rule:
 # ---------------------------------------------------------------------------------------------
 # Sections
 
-DATA_SOURCES = ("digits_lt", "split_lists", "cifar10_lt", "cifar100_lt", "image_folder")
+DATA_SOURCES = ("digits_lt", "split_lists", "cifar10_lt", "cifar100_lt", "image_folder",
+                "glyphs_lt")
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ class DataParams:
     test_list: str = ""
     num_classes: int = _param(0, at_least(0))  # split_lists: 0 infers max train label + 1
     imbalance_ratio: float = _param(10.0, at_least(1.0))  # rho of n_i = n_max * rho^(-i/(C-1))
-    image_size: int = _param(32, at_least(8))  # digits_lt: side of the upscaled RGB image
-    val_per_class: int = _param(20, at_least(0))  # digits_lt, image_folder: balanced held-out
+    image_size: int = _param(32, at_least(8))  # digits_lt, glyphs_lt: side of the RGB image
+    val_per_class: int = _param(20, at_least(0))  # digits_lt, glyphs_lt, image_folder: balanced
     test_per_class: int = _param(50, at_least(1))
     max_side: int = _param(0, at_least(0))  # re-encode larger images to this side; 0 keeps bytes
     jpeg_quality: int = _param(90, between(1, 100))  # used only when re-encoding
@@ -285,7 +286,7 @@ def check_consistency(params: Params) -> Params:
 
 
 # Class counts fixed by the source (others: data.num_classes, or known after prepare).
-SOURCE_CLASSES = {"digits_lt": 10, "cifar10_lt": 10, "cifar100_lt": 100}
+SOURCE_CLASSES = {"digits_lt": 10, "cifar10_lt": 10, "cifar100_lt": 100, "glyphs_lt": 100}
 
 
 def _check_objective_weights(student: StudentParams) -> None:

@@ -72,6 +72,7 @@ def load_source(params: DataParams, seed: int) -> SourceData:
     """Dispatch on `params.source`; train items come back shuffled with `seed`."""
     loaders = {"digits_lt": _digits_lt, "split_lists": _split_lists, "cifar10_lt": _cifar_lt,
                "cifar100_lt": _cifar_lt, "image_folder": _image_folder}
+    loaders["glyphs_lt"] = _glyphs_lt
     rng = np.random.default_rng(seed)
     data = loaders[params.source](params, rng)
     train = data.splits["train"]
@@ -99,6 +100,14 @@ def _digits_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
 
     by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(len(names))]
     return _balanced_holdout_and_long_tail(by_class, names, params, item, balanced=True)
+
+
+def _glyphs_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
+    """Characters rendered from matplotlib's bundled fonts (pipeline/glyphs.py), every sample
+    keyed by the params seed (the entropy `rng` was made from)."""
+    from pipeline.glyphs import glyphs_lt
+
+    return glyphs_lt(params, seed=rng.bit_generator.seed_seq.entropy)
 
 
 def _image_folder(params: DataParams, rng: np.random.Generator) -> SourceData:

@@ -17,6 +17,9 @@ BASE_PARAMS = Path(__file__).with_name("imagenet_lt.yaml")
 OFFICIAL_REPOSITORY = "github.com/jiequancui/DKL"
 SMOKE_PARAMS = Path(__file__).with_name("smoke.yaml")  # the whole pipeline in under a minute
 
+# The embedded 100-class data set on CPU: a complete params file, applied as it is.
+GLYPHS_LT_PARAMS = Path(__file__).with_name("glyphs_lt.yaml")
+
 _X101 = "resnext101_32x4d"
 _ARCH = {"X101": _X101, "R50": "resnet50", "R18": "resnet18"}
 # GKL (DKLv2 scripts): --gamma 0.3 --T2 1.0 --GI, wMSE over the batch total; the official GI
