@@ -20,8 +20,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.params import DataParams
-from pipeline.sources import Item, SourceData, long_tail_counts
 
 # The 100 classes in label order; label 0 has the most train images. The order is a fixed
 # shuffle (so each confusable group spans head and tail) of: digits, a-z, A-Z, 27 Greek letters
@@ -57,32 +55,6 @@ def font_dir() -> Path:
     import matplotlib
 
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-
-
-def split_counts(params: DataParams) -> dict[str, list[int]]:
-    """Images per class for each split: the exponential long-tail profile for train (n_max =
-    MAX_TRAIN_PER_CLASS, ratio data.imbalance_ratio: 100 in the preset, as CIFAR-100-LT), and
-    data.val_per_class and data.test_per_class for the balanced val and test splits.
-    Cheap: nothing is rendered."""
-    classes = len(CHARACTERS)
-    counts = {"train": long_tail_counts(MAX_TRAIN_PER_CLASS, classes, params.imbalance_ratio),
-              "val": [params.val_per_class] * classes,
-              "test": [params.test_per_class] * classes}
-    return {split: n for split, n in counts.items() if sum(n)}
-
-
-def glyphs_lt(params: DataParams, seed: int) -> SourceData:
-    """Render every split of glyphs-LT at data.image_size (see `split_counts` for the sizes).
-    Item paths are `glyphs/SPLIT/LABEL/INDEX`; labels follow CHARACTERS."""
-    splits = {}
-    for split, counts in split_counts(params).items():
-        splits[split] = [
-            Item(path=f"glyphs/{split}/{label}/{index}", label=label,
-                 pixels=render_glyph(character, params.image_size,
-                                     sample_rng(seed, split, label, index)))
-            for label, (character, count) in enumerate(zip(CHARACTERS, counts))
-            for index in range(count)]
-    return SourceData(class_names=list(CHARACTERS), splits=splits)
 
 
 def sample_rng(seed_key: int, split: str, label: int, index: int) -> np.random.Generator:

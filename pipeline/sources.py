@@ -102,12 +102,37 @@ def _digits_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
     return _balanced_holdout_and_long_tail(by_class, names, params, item, balanced=True)
 
 
-def _glyphs_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
-    """Characters rendered from matplotlib's bundled fonts (pipeline/glyphs.py), every sample
-    keyed by the params seed (the entropy `rng` was made from)."""
-    from pipeline.glyphs import glyphs_lt
+def glyphs_split_counts(params: DataParams) -> dict[str, list[int]]:
+    """glyphs_lt's images per class for each split: the exponential long-tail profile for train
+    (n_max = glyphs.MAX_TRAIN_PER_CLASS, ratio data.imbalance_ratio: 100 in the preset, as
+    CIFAR-100-LT), data.val_per_class and data.test_per_class for the balanced val and test
+    splits. Cheap: nothing is rendered."""
+    from pipeline import glyphs
 
-    return glyphs_lt(params, seed=rng.bit_generator.seed_seq.entropy)
+    classes = len(glyphs.CHARACTERS)
+    counts = {"train": long_tail_counts(glyphs.MAX_TRAIN_PER_CLASS, classes,
+                                        params.imbalance_ratio),
+              "val": [params.val_per_class] * classes,
+              "test": [params.test_per_class] * classes}
+    return {split: n for split, n in counts.items() if sum(n)}
+
+
+def _glyphs_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
+    """Characters rendered from matplotlib's bundled fonts (pipeline/glyphs.py) at
+    data.image_size, every sample keyed by the params seed (the entropy `rng` was made from).
+    Item paths are `glyphs/SPLIT/LABEL/INDEX`; labels follow glyphs.CHARACTERS."""
+    from pipeline import glyphs
+
+    seed = rng.bit_generator.seed_seq.entropy
+    splits = {}
+    for split, counts in glyphs_split_counts(params).items():
+        splits[split] = [
+            Item(path=f"glyphs/{split}/{label}/{index}", label=label,
+                 pixels=glyphs.render_glyph(character, params.image_size,
+                                            glyphs.sample_rng(seed, split, label, index)))
+            for label, (character, count) in enumerate(zip(glyphs.CHARACTERS, counts))
+            for index in range(count)]
+    return SourceData(class_names=list(glyphs.CHARACTERS), splits=splits)
 
 
 def _image_folder(params: DataParams, rng: np.random.Generator) -> SourceData:

@@ -7,7 +7,7 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import glyphs
+from pipeline import glyphs, sources
 from pipeline.cli import cli
 from pipeline.params import DataParams, load_params
 from pipeline.presets import GLYPHS_LT_PARAMS
@@ -36,7 +36,7 @@ def labels_of(out, manifest, split):
 
 
 def test_real_config_counts_without_rendering():
-    counts = glyphs.split_counts(DataParams(source="glyphs_lt", imbalance_ratio=100))
+    counts = sources.glyphs_split_counts(DataParams(source="glyphs_lt", imbalance_ratio=100))
     assert counts["train"] == long_tail_counts(400, 100, 100.0)
     assert (counts["train"][0], counts["train"][-1], sum(counts["train"])) == (400, 4, 8668)
     assert counts["val"] == [20] * 100 and counts["test"] == [50] * 100

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.store.encoding import class_id_dtype
 
 MARKERS = "shard_complete"  # (num_shards,) bool, one object per shard, set after its data
 CHECKSUMS = "checksums"  # (num_shards, V, A) uint32: crc32 of each view chunk of each array
@@ -43,6 +44,24 @@ def view_arrays(attrs: dict) -> tuple[str, ...]:
     """Names of the (view, row, ...) arrays of a store with these attributes, in checksum order."""
     tail = ("tail_coefficients", "tail_residuals") if has_tail(attrs) else ()
     return ("topk_codes", "topk_classes", "logsumexp", *tail, "boxes", "flips")
+
+
+def row_array_specs(attrs: dict, rows: int | None = None) -> dict[str, tuple[tuple, np.dtype]]:
+    """name -> (shape, dtype) of the (view, row, ...) arrays of a store with these attributes
+    (rows: override the row count, e.g. one shard's)."""
+    views, topk, num_classes = attrs["views"], attrs["topk"], attrs["num_classes"]
+    rows = attrs["rows"] if rows is None else rows
+    ids = class_id_dtype(num_classes)
+    specs = {
+        "topk_codes": ((views, rows, topk), np.dtype(np.uint16)),
+        "topk_classes": ((views, rows, topk), ids),
+        "logsumexp": ((views, rows), np.dtype(np.float32)),
+        "tail_coefficients": ((views, rows, attrs.get("tail_components", 0)), np.dtype(np.int8)),
+        "tail_residuals": ((views, rows, num_classes), np.dtype(np.uint16)),
+        "boxes": ((views, rows, 4), np.dtype(np.uint16)),
+        "flips": ((views, rows), np.dtype(bool)),
+    }
+    return {name: specs[name] for name in view_arrays(attrs)}
 
 
 def prior_name(temperature: float) -> str:
@@ -96,8 +115,6 @@ def validate_attributes(path: str, attrs: dict, group) -> None:
                 f"logit store {path}: attribute {key!r} should be {wanted}, found "
                 f"{attrs.get(key, 'nothing')!r}; the store is damaged: delete it and rerun "
                 "dump_logits")
-    from pipeline.store.writing import row_array_specs  # the writer's shapes are the truth
-
     expected = {name: shape for name, (shape, _) in row_array_specs(attrs).items()}
     if has_tail(attrs) and (attrs.get("complete") or "tail_mean" in group):
         expected.update({"tail_mean": (attrs["num_classes"],),

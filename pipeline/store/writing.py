@@ -25,7 +25,7 @@ from pipeline.store.encoding import (
 from pipeline.store.tail import TAIL_STEP, TailBasis, tail_components
 from pipeline.store.layout import (
     CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, TAIL_BASIS_ARRAYS, StoreCorruptError,
-    StoreMismatchError, chunk_checksum, has_tail, prior_name, view_arrays)
+    StoreMismatchError, chunk_checksum, has_tail, prior_name, row_array_specs, view_arrays)
 
 # Attributes the caller of `create_store` must supply (the store adds the shape attributes).
 REQUIRED_ATTRIBUTES = (
@@ -76,24 +76,6 @@ def _json_normalise(value: Any) -> Any:
             return obj.tolist()
         raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
     return json.loads(json.dumps(value, default=default))
-
-
-def row_array_specs(attrs: dict, rows: int | None = None) -> dict[str, tuple[tuple, np.dtype]]:
-    """name -> (shape, dtype) of the (view, row, ...) arrays of a store with these attributes
-    (rows: override the row count, e.g. one shard's)."""
-    views, topk, num_classes = attrs["views"], attrs["topk"], attrs["num_classes"]
-    rows = attrs["rows"] if rows is None else rows
-    ids = class_id_dtype(num_classes)
-    specs = {
-        "topk_codes": ((views, rows, topk), np.dtype(np.uint16)),
-        "topk_classes": ((views, rows, topk), ids),
-        "logsumexp": ((views, rows), np.dtype(np.float32)),
-        "tail_coefficients": ((views, rows, attrs.get("tail_components", 0)), np.dtype(np.int8)),
-        "tail_residuals": ((views, rows, num_classes), np.dtype(np.uint16)),
-        "boxes": ((views, rows, 4), np.dtype(np.uint16)),
-        "flips": ((views, rows), np.dtype(bool)),
-    }
-    return {name: specs[name] for name in view_arrays(attrs)}
 
 
 _DIMENSIONS = {"topk_codes": "topk", "topk_classes": "topk", "tail_coefficients": "component",
