@@ -746,3 +746,41 @@ def test_ikl_student_stage_trains_on_a_quantized_tail_store(stage_one_data, teac
     assert result.exit_code == 0, result.output
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["targets"]["tail"] == "quantized"
+
+
+def test_a_dump_killed_at_seeded_random_writes_resumes_to_an_identical_store(
+        stage_one_data, teacher_checkpoint, store_path, tmp_path, monkeypatch):
+    """Fault injection: every zarr write of a dump is a place a kill can land. Run the dump
+    three times, each killed at a seeded random write (the first run always dies: it makes as
+    many writes as a clean dump; a rerun resumes, writes less, and may finish first), then let
+    it finish: the store is bitwise the uninterrupted one, attributes included."""
+    real_setitem = zarr.Array.__setitem__
+    writes = {"count": 0, "kill_at": None}
+
+    def counting_setitem(self, selection, value):
+        writes["count"] += 1
+        if writes["count"] == writes["kill_at"]:
+            raise Killed
+        return real_setitem(self, selection, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", counting_setitem)
+    dump_to(stage_one_data, teacher_checkpoint, tmp_path / "counted.zarr")
+    total = writes["count"]  # zarr writes of one uninterrupted dump
+    path = tmp_path / "faulted.zarr"
+    rng = np.random.default_rng(13)
+    killed = []
+    for kill_at in rng.integers(1, total, size=3):
+        writes.update(count=0, kill_at=int(kill_at))
+        try:
+            dump_to(stage_one_data, teacher_checkpoint, path)
+        except Killed:
+            killed.append(int(kill_at))
+    assert killed and killed[0] < total  # at least the first run died mid-dump
+    writes.update(count=0, kill_at=None)
+    dump_to(stage_one_data, teacher_checkpoint, path)
+    faulted, faulted_attrs = read_everything(path)
+    reference, reference_attrs = read_everything(store_path)
+    assert faulted_attrs == reference_attrs
+    assert sorted(faulted) == sorted(reference)
+    for name, array in reference.items():
+        assert_bitwise_equal(faulted[name], array, name)

@@ -76,11 +76,14 @@ def missing_dependencies(repo: Path) -> list[str]:
     stages = {name: stage.get("do", stage) for name, stage in
               yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].items()}
     outputs = {next(iter(out)) if isinstance(out, dict) else out
-               for stage in stages.values() for out in stage.get("outs", [])}
+               for stage in stages.values() for kind in ("outs", "metrics", "plots")
+               for out in stage.get(kind, [])}
     missing = []
     for name, stage in stages.items():
         for dependency in stage.get("deps", []):
-            made_by_a_stage = "${" in dependency or dependency in outputs
+            made_by_a_stage = "${" in dependency or any(
+                output == dependency or output.startswith(dependency.rstrip("/") + "/")
+                for output in outputs)
             if not made_by_a_stage and not (repo / dependency).exists():
                 missing.append(f"{name}: {dependency}")
     return missing

@@ -29,7 +29,7 @@ def test_timm_model_by_name_without_download():
 def test_timm_model_trains_one_step(stage_one_data, tmp_path):
     data = stage_one_data
     # batch 32 > 26 train rows: one step per epoch
-    raw = with_changes(data.raw, "teachers.teacher", arch=SMALL, epochs=1, batch_size=32)
+    raw = with_changes(data.raw, "teachers.teacher", arch=SMALL, epochs=1, batch_size=16)
     torch.manual_seed(data.params.seed)
     before = build_model(SMALL, 3).state_dict()
     metrics = train_teacher(params_from(raw), "teacher", str(data.shards_dir),
