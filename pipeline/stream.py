@@ -35,12 +35,14 @@ import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, default_collate
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
-from pipeline.augment import CropSpec, apply_view, draw_views, eval_view
+from pipeline.augment import (DECODE, CropSpec, apply_view, apply_view_drafted, draft_scale,
+                              draw_views, eval_view)
 from pipeline.errors import UserError
 from pipeline.shards import shard_url
 from pipeline.store import LOGIT_FIELDS
+from pipeline.tars import tar_members
 
 SHUFFLE_BUFFER = 2000  # samples (still encoded): a few shards' worth mixes classes well
 WORKER_CHUNK = 64  # samples a worker sends at once: few transfers, exact batches after
@@ -117,6 +119,8 @@ def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
                  image_size: int, workers: int, rank: int = 0, world_size: int = 1,
                  pin_memory: bool = False, drop_last: bool = False) -> EpochBatches:
     """One epoch of training batches for this rank (see the module docstring)."""
+    if views.store is not None:
+        _check_decode(views.store)
     order = np.random.default_rng([views.order_seed, views.epoch]).permutation(len(shards))
     segments = rank_segments([shards[i] for i in order], rank, world_size)
     attach_views = _attach_drawn_views if views.store is None else _attach_cached_views
@@ -133,6 +137,16 @@ def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
     steps = epoch_steps(sum(s.stop - s.start for s in shards), views.views_per_decode,
                         batch_size, world_size, drop_last=drop_last)
     return EpochBatches(_loader(pipeline, workers, pin_memory), batch_size, steps, drop_last)
+
+
+def _check_decode(store) -> None:
+    """A store's crops were decoded as this code decodes them (stores from before the decode
+    path was recorded are taken as they are: views decoded at full size match them)."""
+    recorded = store.attributes.get("decode", DECODE)
+    if recorded != DECODE:
+        raise UserError(f"logit store {store.path} was dumped with decode path {recorded!r}; "
+                        f"this code decodes with {DECODE!r}, so drafted views would not be the "
+                        "teacher's pixels: rerun dump_logits")
 
 
 def epoch_steps(rows: int, views_per_decode: int, batch_size: int, world_size: int, *,
@@ -237,13 +251,15 @@ def read_shard(shard: Shard):
 
 def _read_samples(sources):
     """Stage: the samples of each segment, its tar opened through fsspec (any local path or
-    URL fsspec knows: file://, s3://, gs://, memory://, ...). A shard that cannot be read
-    stops the run naming it (CorruptShardError)."""
+    URL fsspec knows: file://, s3://, gs://, memory://, ...) and read by pipeline.tars (about
+    5x cheaper a member than tarfile: benchmarks/decode_steps.py). A shard that cannot be read stops the run naming it
+    (CorruptShardError)."""
     for source in sources:
         segment, url = source["segment"], source["url"]
         try:
             with fsspec.open(url, "rb") as stream:
-                files = tar_file_expander([{"url": url, "stream": stream}])
+                files = ({"fname": name, "data": data, "__url__": url}
+                         for name, data in tar_members(stream))
                 for sample in group_by_keys(files):
                     meta = json.loads(sample["json"])
                     if segment.start <= meta["row"] < segment.stop:
@@ -268,6 +284,46 @@ def decode(sample: dict) -> torch.Tensor:
     with _open_image(sample) as image:
         pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+class SourceImage:
+    """One sample's encoded image, decoded lazily, once per JPEG draft scale its views need:
+    the one decode path of the teacher's dump and the student's replay, so the same view of
+    the same row is the same pixels in both (pipeline.augment.DECODE; tests/test_decode.py).
+    `height`, `width`: the source image's size (from its header)."""
+
+    def __init__(self, sample: dict):
+        self.sample = sample
+        with _open_image(sample) as image:
+            self.height, self.width, self.jpeg = image.height, image.width, image.format == "JPEG"
+        self._decoded = {}  # draft scale -> (3, H, W) tensor at scale 1, RGB PIL image above
+
+    def crop(self, box, flip: bool, size: int) -> torch.Tensor:
+        """The view (normalised `box`, `flip`) at `size` px: (3, size, size) uint8."""
+        scale = draft_scale(box, self.height, self.width, size) if self.jpeg else 1
+        if scale == 1:
+            return apply_view(self.full(), box, flip, size)
+        return apply_view_drafted(self._drafted(scale), box, flip, size, self.height,
+                                  self.width, scale)
+
+    def full(self) -> torch.Tensor:
+        """The whole image, decoded at full size: (3, H, W) uint8."""
+        if 1 not in self._decoded:
+            self._decoded[1] = decode(self.sample)
+        return self._decoded[1]
+
+    def _drafted(self, scale: int) -> Image.Image:
+        if scale not in self._decoded:
+            with _open_image(self.sample) as image:
+                # asks for the scale exactly: PIL picks the largest s <= width // requested
+                image.draft(image.mode, (self.width // scale, self.height // scale))
+                drafted = image.convert("RGB")
+            expected = (-(-self.width // scale), -(-self.height // scale))
+            if drafted.size != expected:  # a Pillow whose draft rounds otherwise
+                raise RuntimeError(f"JPEG draft at 1/{scale} gave {drafted.size}, expected "
+                                   f"{expected}: this Pillow is not supported")
+            self._decoded[scale] = drafted
+        return self._decoded[scale]
 
 
 @contextmanager
@@ -371,14 +427,14 @@ def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:
 
 
 def _decode_and_crop(image_size: int):
-    """Stage: decode each image once, emit one training sample per attached view."""
+    """Stage: decode each image once (per draft scale), emit one training sample per
+    attached view."""
 
     def stage(samples):
         for sample in samples:
-            image = decode(sample)  # (3, H, W) uint8
-            meta = sample["meta"]
+            image, meta = SourceImage(sample), sample["meta"]
             for view in sample["views"]:
-                out = {"images": apply_view(image, view["box"], bool(view["flip"]), image_size),
+                out = {"images": image.crop(view["box"], bool(view["flip"]), image_size),
                        "labels": meta["label"], "rows": meta["row"]}
                 out.update({k: v for k, v in view.items() if k not in ("box", "flip")})
                 yield out
