@@ -4,6 +4,7 @@ import click
 
 from pipeline.cli import run_stage
 from pipeline.distill import train_teacher
+from pipeline.launch import run_on_every_device
 from pipeline.params import load_params
 
 
@@ -18,6 +19,8 @@ from pipeline.params import load_params
 def main(params_file: str, name: str, shards: str, out: str, live: str) -> None:
     """Train teacher NAME on the train shards, validating every epoch."""
     params = load_params(params_file)
+    if run_on_every_device(params.runtime.devices):  # the ranks did the work
+        return
     if name not in params.teachers:
         raise click.BadParameter(f"{name!r} is not a key of teachers "
                                  f"(known: {', '.join(params.teachers)})", param_hint="--name")
