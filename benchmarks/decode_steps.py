@@ -11,7 +11,8 @@
 Data: the train shards of benchmarks/loader.py's photo-like set (run it once first; its cache
 is --work). Each round times every alternative once over all the data, in rotating order;
 figures are medians over --rounds rounds, ratios medians of per-round ratios. One process, one
-torch thread: per-core costs.
+torch thread, timed by its CPU time (time.process_time): per-core costs that other jobs on a
+shared machine do not inflate.
 """
 
 from __future__ import annotations
@@ -64,22 +65,22 @@ def crop_alternatives(samples: list[dict], boxes, flips, size: int) -> dict:
 
 
 def race(alternatives: dict, rounds: int) -> dict:
-    """name -> per-round microseconds per item, alternatives in rotating order."""
+    """name -> per-round CPU microseconds per item, alternatives in rotating order."""
     names = list(alternatives)
     times = {name: [] for name in names}
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start = time.process_time()  # CPU time: not inflated by other jobs' load
             count = alternatives[name]()
-            times[name].append(1e6 * (time.perf_counter() - start) / count)
+            times[name].append(1e6 * (time.process_time() - start) / count)
     return times
 
 
 def report(times: dict, unit: str) -> None:
     names = list(times)
     for name in names:
-        print(f"  {name:<42} {median(times[name]):9.1f} us/{unit}   (rounds: "
+        print(f"  {name:<42} {median(times[name]):9.1f} CPU us/{unit}   (rounds: "
               f"{', '.join(f'{v:.0f}' for v in times[name])})")
     ratio = median(a / b for a, b in zip(times[names[0]], times[names[1]]))
     print(f"  speed-up {names[1]} vs {names[0]}: {ratio:.2f}x")

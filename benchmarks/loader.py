@@ -217,14 +217,14 @@ def decode_bound_child(folder: Path, epochs: int) -> dict:
     from pipeline.augment import draw_views
     from pipeline.distill import crop_spec
     from pipeline.shards import load_manifest
-    from pipeline.stream import _decode_and_crop, _encoded_size, read_shard, split_shards
+    from pipeline.stream import SourceImage, _decode_and_crop, read_shard, split_shards
 
     saved = json.loads((folder / "params.json").read_text())
     params = make_params(saved["raw"])
     samples = []
     for shard in split_shards(saved["shards"], load_manifest(saved["shards"]), "train"):
         samples += list(read_shard(shard))
-    heights, widths = zip(*(_encoded_size(sample) for sample in samples))
+    heights, widths = zip(*((i.height, i.width) for i in map(SourceImage, samples)))
     boxes, flips = draw_views(params.seed, 1, [s["meta"]["row"] for s in samples], heights,
                               widths, spec=crop_spec(params.augment))
     for i, sample in enumerate(samples):

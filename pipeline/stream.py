@@ -282,20 +282,28 @@ def decode(sample: dict) -> torch.Tensor:
     """The sample's image as (3, H, W) uint8 RGB (PIL: torchvision's decoders are deprecated
     from 0.29)."""
     with _open_image(sample) as image:
-        pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+        return _rgb_tensor(image)
+
+
+def _rgb_tensor(image: Image.Image) -> torch.Tensor:
+    """Decode `image` (opened, not loaded) to (3, H, W) uint8 RGB."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # np.array: (H, W, 3), writable
 
 
 class SourceImage:
     """One sample's encoded image, decoded lazily, once per JPEG draft scale its views need:
     the one decode path of the teacher's dump and the student's replay, so the same view of
     the same row is the same pixels in both (pipeline.augment.DECODE; tests/test_decode.py).
-    `height`, `width`: the source image's size (from its header)."""
+    `height`, `width`: the source image's size (from its header, read once: the first decode
+    reuses the opened file)."""
 
     def __init__(self, sample: dict):
-        self.sample = sample
-        with _open_image(sample) as image:
-            self.height, self.width, self.jpeg = image.height, image.width, image.format == "JPEG"
+        self.sample, self._data = sample, _image_bytes(sample)
+        with _image_errors(sample):
+            self._unread = Image.open(io.BytesIO(self._data))  # header only
+        self.height, self.width = self._unread.height, self._unread.width
+        self.jpeg = self._unread.format == "JPEG"
         self._decoded = {}  # draft scale -> (3, H, W) tensor at scale 1, RGB PIL image above
 
     def crop(self, box, flip: bool, size: int) -> torch.Tensor:
@@ -309,12 +317,13 @@ class SourceImage:
     def full(self) -> torch.Tensor:
         """The whole image, decoded at full size: (3, H, W) uint8."""
         if 1 not in self._decoded:
-            self._decoded[1] = decode(self.sample)
+            with _image_errors(self.sample), self._unopened() as image:
+                self._decoded[1] = _rgb_tensor(image)
         return self._decoded[1]
 
     def _drafted(self, scale: int) -> Image.Image:
         if scale not in self._decoded:
-            with _open_image(self.sample) as image:
+            with _image_errors(self.sample), self._unopened() as image:
                 # asks for the scale exactly: PIL picks the largest s <= width // requested
                 image.draft(image.mode, (self.width // scale, self.height // scale))
                 drafted = image.convert("RGB")
@@ -325,14 +334,26 @@ class SourceImage:
             self._decoded[scale] = drafted
         return self._decoded[scale]
 
+    def _unopened(self) -> Image.Image:
+        """The file opened but not decoded: the header's on first use, then a new one."""
+        image, self._unread = self._unread, None
+        return image if image is not None else Image.open(io.BytesIO(self._data))
+
 
 @contextmanager
 def _open_image(sample: dict):
     """The sample's image opened by PIL; bytes that do not decode name the shard as corrupt."""
-    data, where = _image_bytes(sample), sample.get("__url__")
+    data = _image_bytes(sample)  # a CorruptShardError of its own when missing
+    with _image_errors(sample), Image.open(io.BytesIO(data)) as image:
+        yield image
+
+
+@contextmanager
+def _image_errors(sample: dict):
+    """PIL's errors on the sample's bytes as a CorruptShardError naming the shard."""
+    where = sample.get("__url__")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            yield image
+        yield
     except UnidentifiedImageError:
         raise CorruptShardError(_corrupt(where, f"sample {sample['__key__']} is not an "
                                                 "image")) from None
@@ -381,10 +402,13 @@ def _attach_drawn_views(views: ViewSource):
     view_ids = views.view_ids()
 
     def with_views(segment_samples: list[dict]):
-        sizes = [_encoded_size(sample) for sample in segment_samples]  # (height, width)
+        for sample in segment_samples:  # its header read once, here; decoded after the shuffle
+            sample["image"] = SourceImage(sample)
         boxes, flips = draw_views(views.seed, view_ids,
                                   [sample["meta"]["row"] for sample in segment_samples],
-                                  [h for h, _ in sizes], [w for _, w in sizes], spec=views.crop)
+                                  [sample["image"].height for sample in segment_samples],
+                                  [sample["image"].width for sample in segment_samples],
+                                  spec=views.crop)
         for i, sample in enumerate(segment_samples):
             sample["views"] = [{"box": boxes[j, i], "flip": flips[j, i]}
                                for j in range(len(view_ids))]
@@ -401,13 +425,6 @@ def _attach_drawn_views(views: ViewSource):
             yield from with_views(pending)
 
     return stage
-
-
-def _encoded_size(sample: dict) -> tuple[int, int]:
-    """(height, width) of the sample's image from its header (PIL decodes lazily): the size
-    decode() will return."""
-    with _open_image(sample) as image:
-        return image.height, image.width
 
 
 def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:
@@ -432,7 +449,7 @@ def _decode_and_crop(image_size: int):
 
     def stage(samples):
         for sample in samples:
-            image, meta = SourceImage(sample), sample["meta"]
+            image, meta = sample.get("image") or SourceImage(sample), sample["meta"]
             for view in sample["views"]:
                 out = {"images": image.crop(view["box"], bool(view["flip"]), image_size),
                        "labels": meta["label"], "rows": meta["row"]}
