@@ -7,7 +7,10 @@ How many: `runtime.devices` in params.yaml (pipeline.params.RuntimeParams): null
 process per visible GPU, one on a CPU-only machine; N runs N (on a CPU, N gloo processes: how
 the tests check it). A process started by torchrun (or by this launcher) never relaunches,
 so multi-node runs stay `torchrun` by hand. The ranks inherit this process's environment;
-OMP_NUM_THREADS is set to 1 when unset, as torchrun does.
+OMP_NUM_THREADS is set to 1 when unset, as torchrun does. The command relaunched is the
+interpreter's own (`sys.orig_argv`, wrappers such as tests/record_training_rows.py included),
+so a stage command invoked in-process (click's CliRunner) must keep `runtime.devices` at 1 or
+null on a CPU.
 """
 
 from __future__ import annotations
