@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -181,6 +182,67 @@ def write_synthetic_image_folder(root: Path, classes: int, per_class: int, *, mi
     return written
 
 
+def photo_like(rng: np.random.Generator, height: int, width: int) -> Image.Image:
+    """One photo-like RGB picture: colour noise at four scales (a 3x3, 12x12, 48x48 and 160x160
+    grid, bicubic-upsampled, amplitudes falling from 60 to 45 grey levels at the finest),
+    luminance and colour grain, and a few solid discs (sharp edges). Tuned so that at JPEG
+    quality 90 a 300..500 px picture takes about 100 KB, as ImageNet's photos do (~110 KB at
+    ~400 x 350): decoding time depends on the coefficients left after quantisation, which flat
+    or smooth synthetic pictures lack."""
+    pixels = np.zeros((height, width, 3), np.float32)
+    for cells, amplitude in ((3, 60), (12, 35), (48, 25), (160, 45)):
+        grid = rng.normal(0, amplitude, (cells, cells, 3)).astype(np.float32)
+        pixels += np.stack([np.asarray(Image.fromarray(grid[..., c]).resize(
+            (width, height), Image.Resampling.BICUBIC)) for c in range(3)], axis=-1)
+    pixels += rng.normal(0, 22, (height, width, 1)).astype(np.float32)  # luminance grain
+    pixels += rng.normal(0, 7, (height, width, 3)).astype(np.float32)  # colour grain
+    pixels += rng.integers(60, 200, 3)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y, radius = int(rng.integers(0, width)), int(rng.integers(0, height)), int(
+            rng.integers(10, 80))
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius),
+                     fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return image
+
+
+def write_photo_image_folder(root: Path, classes: int, per_class: int, *, min_side: int = 300,
+                             max_side: int = 500, quality: int = 90, seed: int = 0) -> int:
+    """root/class_XXX/NNNN.jpg: `per_class` photo-like JPEGs per class (`photo_like`), height
+    and width drawn uniformly in [min_side, max_side] (ImageNet's typical 500 x 375, 400 x 350);
+    returns the bytes written. Written to a `.partial` sibling and renamed when complete, so an
+    interrupted run never leaves a short cache."""
+    rng = np.random.default_rng(seed)
+    partial = root.with_name(root.name + ".partial")
+    written = 0
+    for label in range(classes):
+        folder = partial / f"class_{label:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            height, width = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
+            path = folder / f"{index:04d}.jpg"
+            photo_like(rng, height, width).save(path, format="JPEG", quality=quality)
+            written += path.stat().st_size
+    partial.rename(root)
+    return written
+
+
+def prepare_photos(work: Path, classes: int, train_per_class: int, *, max_side: int = 0,
+                   shard_size: int = 256, seed: int = 0) -> tuple[dict, DataParams]:
+    """Generate the photo-like ImageFolder under work/images once (kept across runs: it takes
+    about a minute) and prepare it into work/shards-max{max_side} (0: the files' own bytes;
+    else re-encoded at quality 90 to that longer side, `data.max_side`)."""
+    images = work / "images"
+    if not images.is_dir():
+        shutil.rmtree(images.with_name(images.name + ".partial"), ignore_errors=True)
+        write_photo_image_folder(images, classes, train_per_class + 2, seed=seed)
+    data = DataParams(source="image_folder", root=str(images), imbalance_ratio=1.0,
+                      val_per_class=1, test_per_class=1, shard_size=shard_size, workers=0,
+                      max_side=max_side)
+    return _prepared(data, seed, work / f"shards-max{max_side}"), data
+
+
 def prepare_synthetic(work: Path, classes: int, train_per_class: int, *, shard_size: int = 256,
                       seed: int = 0) -> tuple[dict, DataParams]:
     """Generate the synthetic ImageFolder under work/images and prepare it into work/shards
@@ -235,7 +297,9 @@ def write_teacher_checkpoint(path: Path, arch: str, num_classes: int, image_size
             model(normalize(images))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "arch": arch, "num_classes": num_classes,
-                "small_input": False, "fingerprint": fingerprint, "epoch": 0}, path)
+                "small_input": False, "fingerprint": fingerprint, "epoch": 0,
+                # the dump checks that it crops at the size the teacher was trained at
+                "params": {"train": {"image_size": image_size}}}, path)
     return path
 
 

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -148,6 +149,39 @@ def apply_view(image: torch.Tensor, box: Any, flip: bool, size: int) -> torch.Te
     crop = TF.resized_crop(image, top, left, crop_height, crop_width, size=[size, size],
                            interpolation=InterpolationMode.BILINEAR, antialias=True)
     return TF.horizontal_flip(crop) if flip else crop  # (3, size, size)
+
+
+# JPEG draft mode: libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT, for a fraction of the
+# full decode's cost. A view is decoded drafted when its crop keeps at least `size` px on both
+# sides at that scale, so the resize still only shrinks. Named in the store's attributes: a
+# change here changes the pixels of drafted views, and the dump and the replay must agree.
+DECODE = "pil-draft-v1"
+DRAFT_SCALES = (8, 4, 2)
+
+
+def draft_scale(box: Any, height: int, width: int, size: int) -> int:
+    """The largest JPEG draft scale (8, 4, 2, else 1) at which the crop `box` of a height x
+    width image is still at least `size` px on both sides."""
+    _, _, crop_height, crop_width = pixel_box(box, height, width)
+    return next((s for s in DRAFT_SCALES if min(crop_height, crop_width) >= s * size), 1)
+
+
+def apply_view_drafted(drafted: Image.Image, box: Any, flip: bool, size: int, height: int,
+                       width: int, scale: int) -> torch.Tensor:
+    """`apply_view` on the 1/`scale` draft decode (RGB, ceil(width / scale) x ceil(height /
+    scale)) of a height x width image: (3, size, size) uint8.
+
+    The view is the same: its exact pixel box in the source, divided by the scale (a power of
+    two: exact in float), is the region resampled, fractions included (PIL's resize box); the
+    crop is bilinear with antialias (PIL's, the filter torchvision's antialias copies) and
+    flipped as in `apply_view`. Only the pixels come from the DCT-scaled decode.
+    """
+    top, left, crop_height, crop_width = pixel_box(box, height, width)
+    region = (left / scale, top / scale, (left + crop_width) / scale,
+              (top + crop_height) / scale)
+    crop = drafted.resize((size, size), Image.Resampling.BILINEAR, box=region)
+    pixels = torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1)  # (3, size, size)
+    return TF.horizontal_flip(pixels) if flip else pixels
 
 
 def eval_view(image: torch.Tensor, size: int) -> torch.Tensor:

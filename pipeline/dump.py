@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.augment import CropSpec, apply_view, draw_views, normalize
+from pipeline.augment import DECODE, CropSpec, draw_views, normalize
 from pipeline.distill import crop_spec, load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
@@ -32,7 +32,7 @@ from pipeline.store import (TAIL_FIT_ROWS, TailBasis, check_image_sides, complet
                             reduce_prior_partials, store_identity, write_prior_partials,
                             write_shard, write_tail_basis)
 from pipeline.store.tail import tail_components
-from pipeline.stream import Shard, decode, read_shard, split_shards
+from pipeline.stream import Shard, SourceImage, read_shard, split_shards
 
 
 def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: str,
@@ -69,6 +69,8 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
         "prior_temperatures": sorted(float(t) for t in settings.prior_temperatures),
         # The store encodes boxes exactly up to this side; smaller sides, fewer bytes.
         "max_image_side": manifest["splits"]["train"]["max_image_side"],
+        # how views become pixels (JPEG draft scales): the student's replay must decode alike
+        "decode": DECODE,
     }
     shape = dict(rows=manifest["splits"]["train"]["rows"], views=settings.views,
                  topk=settings.topk, num_classes=num_classes,
@@ -177,15 +179,15 @@ def _fit_tail_basis(shards: list[Shard], teacher, params: Params, spec: CropSpec
     images, rows, urls = [], [], []
     for shard in shards:
         for sample in read_shard(shard):
-            images.append(decode(sample))
+            images.append(SourceImage(sample))
             rows.append(sample["meta"]["row"])
             urls.append(shard.url)
         if len(rows) >= TAIL_FIT_ROWS:
             break
     images, rows = images[:TAIL_FIT_ROWS], rows[:TAIL_FIT_ROWS]
     boxes, flips = draw_views(params.seed, 1, np.array(rows),
-                              [image.shape[1] for image in images],
-                              [image.shape[2] for image in images], spec=spec)  # view 0
+                              [image.height for image in images],
+                              [image.width for image in images], spec=spec)  # view 0
     logits = _teacher_logits(teacher, images, boxes[0], flips[0], params.logits, device)
     _check_finite(logits, rows, 0, urls)
     log_probs = torch.log_softmax(logits.double(), dim=1).numpy()  # (m, C)
@@ -203,14 +205,14 @@ def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, spec: 
     settings = params.logits
     samples = list(read_shard(shard))
     metas = [sample["meta"] for sample in samples]
-    images = [decode(sample) for sample in samples]  # decoded once, cropped V times
+    images = [SourceImage(sample) for sample in samples]  # decoded once per draft scale
     rows = np.array([meta["row"] for meta in metas])
     labels = np.array([meta["label"] for meta in metas])
     if not np.array_equal(rows, np.arange(shard.start, shard.stop)):
         raise UserError(f"{shard.url}: rows {rows[:3]}... do not match the manifest range "
                         f"[{shard.start}, {shard.stop}); rerun prepare")
-    heights = [image.shape[1] for image in images]
-    widths = [image.shape[2] for image in images]
+    heights = [image.height for image in images]
+    widths = [image.width for image in images]
     check_image_sides(group.attrs, rows, heights, widths)
     boxes, flips = draw_views(params.seed, settings.views, rows, heights, widths,
                               spec=spec)  # (V, n, 4), (V, n)
@@ -253,7 +255,7 @@ def _teacher_logits(teacher, images, boxes, flips, settings, device) -> torch.Te
     chunks = []
     for start in range(0, len(images), settings.batch_size):
         stop = start + settings.batch_size
-        crops = torch.stack([apply_view(image, box, bool(flip), settings.image_size)
+        crops = torch.stack([image.crop(box, bool(flip), settings.image_size)
                              for image, box, flip in zip(images[start:stop], boxes[start:stop],
                                                          flips[start:stop])])
         batch = normalize(crops.to(device, non_blocking=True))

@@ -186,6 +186,19 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class RuntimeParams:
+    """`runtime`: how a run uses this machine, not what it computes. No stage lists it in
+    dvc.yaml, so changing it reruns nothing: batch sizes are global, and the same params train
+    the same way on any number of processes (up to per-process BatchNorm statistics and the
+    order of float reductions)."""
+
+    # processes a stage started outside torchrun runs on this machine (pipeline.launch):
+    # null = one per visible GPU (one process on a CPU-only machine); N = N processes (N GPUs,
+    # or N gloo processes on a CPU)
+    devices: int | None = _param(None, at_least(1))
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of params.yaml."""
 
@@ -197,6 +210,7 @@ class Params:
     logits: LogitsParams = field(default_factory=LogitsParams)
     student: StudentParams = field(default_factory=StudentParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
 
 
 # ---------------------------------------------------------------------------------------------

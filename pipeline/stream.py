@@ -35,12 +35,14 @@ import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, default_collate
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
-from pipeline.augment import CropSpec, apply_view, draw_views, eval_view
+from pipeline.augment import (DECODE, CropSpec, apply_view, apply_view_drafted, draft_scale,
+                              draw_views, eval_view)
 from pipeline.errors import UserError
 from pipeline.shards import shard_url
 from pipeline.store import LOGIT_FIELDS
+from pipeline.tars import tar_members
 
 SHUFFLE_BUFFER = 2000  # samples (still encoded): a few shards' worth mixes classes well
 WORKER_CHUNK = 64  # samples a worker sends at once: few transfers, exact batches after
@@ -117,6 +119,8 @@ def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
                  image_size: int, workers: int, rank: int = 0, world_size: int = 1,
                  pin_memory: bool = False, drop_last: bool = False) -> EpochBatches:
     """One epoch of training batches for this rank (see the module docstring)."""
+    if views.store is not None:
+        _check_decode(views.store)
     order = np.random.default_rng([views.order_seed, views.epoch]).permutation(len(shards))
     segments = rank_segments([shards[i] for i in order], rank, world_size)
     attach_views = _attach_drawn_views if views.store is None else _attach_cached_views
@@ -133,6 +137,16 @@ def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
     steps = epoch_steps(sum(s.stop - s.start for s in shards), views.views_per_decode,
                         batch_size, world_size, drop_last=drop_last)
     return EpochBatches(_loader(pipeline, workers, pin_memory), batch_size, steps, drop_last)
+
+
+def _check_decode(store) -> None:
+    """A store's crops were decoded as this code decodes them (stores from before the decode
+    path was recorded are taken as they are: views decoded at full size match them)."""
+    recorded = store.attributes.get("decode", DECODE)
+    if recorded != DECODE:
+        raise UserError(f"logit store {store.path} was dumped with decode path {recorded!r}; "
+                        f"this code decodes with {DECODE!r}, so drafted views would not be the "
+                        "teacher's pixels: rerun dump_logits")
 
 
 def epoch_steps(rows: int, views_per_decode: int, batch_size: int, world_size: int, *,
@@ -237,13 +251,15 @@ def read_shard(shard: Shard):
 
 def _read_samples(sources):
     """Stage: the samples of each segment, its tar opened through fsspec (any local path or
-    URL fsspec knows: file://, s3://, gs://, memory://, ...). A shard that cannot be read
-    stops the run naming it (CorruptShardError)."""
+    URL fsspec knows: file://, s3://, gs://, memory://, ...) and read by pipeline.tars (about
+    5x cheaper a member than tarfile: benchmarks/decode_steps.py). A shard that cannot be read stops the run naming it
+    (CorruptShardError)."""
     for source in sources:
         segment, url = source["segment"], source["url"]
         try:
             with fsspec.open(url, "rb") as stream:
-                files = tar_file_expander([{"url": url, "stream": stream}])
+                files = ({"fname": name, "data": data, "__url__": url}
+                         for name, data in tar_members(stream))
                 for sample in group_by_keys(files):
                     meta = json.loads(sample["json"])
                     if segment.start <= meta["row"] < segment.stop:
@@ -266,17 +282,78 @@ def decode(sample: dict) -> torch.Tensor:
     """The sample's image as (3, H, W) uint8 RGB (PIL: torchvision's decoders are deprecated
     from 0.29)."""
     with _open_image(sample) as image:
-        pixels = np.asarray(image.convert("RGB"))  # (H, W, 3)
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+        return _rgb_tensor(image)
+
+
+def _rgb_tensor(image: Image.Image) -> torch.Tensor:
+    """Decode `image` (opened, not loaded) to (3, H, W) uint8 RGB."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # np.array: (H, W, 3), writable
+
+
+class SourceImage:
+    """One sample's encoded image, decoded lazily, once per JPEG draft scale its views need:
+    the one decode path of the teacher's dump and the student's replay, so the same view of
+    the same row is the same pixels in both (pipeline.augment.DECODE; tests/test_decode.py).
+    `height`, `width`: the source image's size (from its header, read once: the first decode
+    reuses the opened file)."""
+
+    def __init__(self, sample: dict):
+        self.sample, self._data = sample, _image_bytes(sample)
+        with _image_errors(sample):
+            self._unread = Image.open(io.BytesIO(self._data))  # header only
+        self.height, self.width = self._unread.height, self._unread.width
+        self.jpeg = self._unread.format == "JPEG"
+        self._decoded = {}  # draft scale -> (3, H, W) tensor at scale 1, RGB PIL image above
+
+    def crop(self, box, flip: bool, size: int) -> torch.Tensor:
+        """The view (normalised `box`, `flip`) at `size` px: (3, size, size) uint8."""
+        scale = draft_scale(box, self.height, self.width, size) if self.jpeg else 1
+        if scale == 1:
+            return apply_view(self.full(), box, flip, size)
+        return apply_view_drafted(self._drafted(scale), box, flip, size, self.height,
+                                  self.width, scale)
+
+    def full(self) -> torch.Tensor:
+        """The whole image, decoded at full size: (3, H, W) uint8."""
+        if 1 not in self._decoded:
+            with _image_errors(self.sample), self._unopened() as image:
+                self._decoded[1] = _rgb_tensor(image)
+        return self._decoded[1]
+
+    def _drafted(self, scale: int) -> Image.Image:
+        if scale not in self._decoded:
+            with _image_errors(self.sample), self._unopened() as image:
+                # asks for the scale exactly: PIL picks the largest s <= width // requested
+                image.draft(image.mode, (self.width // scale, self.height // scale))
+                drafted = image.convert("RGB")
+            expected = (-(-self.width // scale), -(-self.height // scale))
+            if drafted.size != expected:  # a Pillow whose draft rounds otherwise
+                raise RuntimeError(f"JPEG draft at 1/{scale} gave {drafted.size}, expected "
+                                   f"{expected}: this Pillow is not supported")
+            self._decoded[scale] = drafted
+        return self._decoded[scale]
+
+    def _unopened(self) -> Image.Image:
+        """The file opened but not decoded: the header's on first use, then a new one."""
+        image, self._unread = self._unread, None
+        return image if image is not None else Image.open(io.BytesIO(self._data))
 
 
 @contextmanager
 def _open_image(sample: dict):
     """The sample's image opened by PIL; bytes that do not decode name the shard as corrupt."""
-    data, where = _image_bytes(sample), sample.get("__url__")
+    data = _image_bytes(sample)  # a CorruptShardError of its own when missing
+    with _image_errors(sample), Image.open(io.BytesIO(data)) as image:
+        yield image
+
+
+@contextmanager
+def _image_errors(sample: dict):
+    """PIL's errors on the sample's bytes as a CorruptShardError naming the shard."""
+    where = sample.get("__url__")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            yield image
+        yield
     except UnidentifiedImageError:
         raise CorruptShardError(_corrupt(where, f"sample {sample['__key__']} is not an "
                                                 "image")) from None
@@ -325,10 +402,13 @@ def _attach_drawn_views(views: ViewSource):
     view_ids = views.view_ids()
 
     def with_views(segment_samples: list[dict]):
-        sizes = [_encoded_size(sample) for sample in segment_samples]  # (height, width)
+        for sample in segment_samples:  # its header read once, here; decoded after the shuffle
+            sample["image"] = SourceImage(sample)
         boxes, flips = draw_views(views.seed, view_ids,
                                   [sample["meta"]["row"] for sample in segment_samples],
-                                  [h for h, _ in sizes], [w for _, w in sizes], spec=views.crop)
+                                  [sample["image"].height for sample in segment_samples],
+                                  [sample["image"].width for sample in segment_samples],
+                                  spec=views.crop)
         for i, sample in enumerate(segment_samples):
             sample["views"] = [{"box": boxes[j, i], "flip": flips[j, i]}
                                for j in range(len(view_ids))]
@@ -345,13 +425,6 @@ def _attach_drawn_views(views: ViewSource):
             yield from with_views(pending)
 
     return stage
-
-
-def _encoded_size(sample: dict) -> tuple[int, int]:
-    """(height, width) of the sample's image from its header (PIL decodes lazily): the size
-    decode() will return."""
-    with _open_image(sample) as image:
-        return image.height, image.width
 
 
 def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:
@@ -371,14 +444,14 @@ def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:
 
 
 def _decode_and_crop(image_size: int):
-    """Stage: decode each image once, emit one training sample per attached view."""
+    """Stage: decode each image once (per draft scale), emit one training sample per
+    attached view."""
 
     def stage(samples):
         for sample in samples:
-            image = decode(sample)  # (3, H, W) uint8
-            meta = sample["meta"]
+            image, meta = sample.get("image") or SourceImage(sample), sample["meta"]
             for view in sample["views"]:
-                out = {"images": apply_view(image, view["box"], bool(view["flip"]), image_size),
+                out = {"images": image.crop(view["box"], bool(view["flip"]), image_size),
                        "labels": meta["label"], "rows": meta["row"]}
                 out.update({k: v for k, v in view.items() if k not in ("box", "flip")})
                 yield out

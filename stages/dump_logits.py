@@ -4,6 +4,7 @@ import click
 
 from pipeline.cli import HELP_OPTIONS, run_stage
 from pipeline.dump import dump_logits
+from pipeline.launch import run_on_every_device
 from pipeline.params import load_params
 
 
@@ -18,6 +19,8 @@ from pipeline.params import load_params
 def main(params_file: str, name: str, shards: str, checkpoint: str, out: str) -> None:
     """Write teacher NAME's logit store: top-k logits, classes, logsumexp, crops, priors."""
     params = load_params(params_file)
+    if run_on_every_device(params.runtime.devices):  # the ranks did the work
+        return
     dump_logits(params, name, shards, checkpoint, out)
     click.echo(f"{out}: complete; inspect it with `python -m pipeline inspect {out}`")
 

@@ -4,6 +4,7 @@ import click
 
 from pipeline.cli import HELP_OPTIONS, check_tracked_weights, run_stage
 from pipeline.distill import train_student
+from pipeline.launch import run_on_every_device
 from pipeline.params import load_params
 
 
@@ -24,6 +25,8 @@ def main(params_file: str, shards: str, store: str, teacher_checkpoint: str, out
     """Train the student with `student.loss` (ce, kl or ikl)."""
     params = load_params(params_file)
     check_tracked_weights(params.student.weights, weights_dir, "student")
+    if run_on_every_device(params.runtime.devices):  # the ranks did the work
+        return
     metrics = train_student(params, shards, store, teacher_checkpoint, out, live)
     click.echo(f"student: val top-1 {metrics.get('val/top1', float('nan')):.2f}%")
 

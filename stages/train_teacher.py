@@ -4,6 +4,7 @@ import click
 
 from pipeline.cli import HELP_OPTIONS, check_tracked_weights, run_stage
 from pipeline.distill import train_teacher
+from pipeline.launch import run_on_every_device
 from pipeline.params import load_params
 
 
@@ -21,6 +22,8 @@ def main(params_file: str, name: str, shards: str, out: str, live: str,
          weights_dir: str) -> None:
     """Train teacher NAME on the train shards, validating every epoch."""
     params = load_params(params_file)
+    if run_on_every_device(params.runtime.devices):  # the ranks did the work
+        return
     if name not in params.teachers:
         raise click.BadParameter(f"{name!r} is not a key of teachers "
                                  f"(known: {', '.join(params.teachers)})", param_hint="--name")

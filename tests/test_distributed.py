@@ -172,23 +172,28 @@ def test_two_rank_training_killed_after_an_epoch_resumes(stage_one_data, tmp_pat
         assert torch.equal(final["model"][name], tensor), name
 
 
-def run_recorded(tmp_path, name, params, stage_one, ranks):
+def run_recorded(tmp_path, name, params, stage_one, ranks, runtime=None):
     """Train the student of `params` on 1 rank (plain python) or 2 (torchrun); returns
-    (per-rank records of the rows of every step, checkpoint)."""
+    (per-rank records of the rows of every step, checkpoint). `runtime`: the params' runtime
+    section, with which plain python may launch ranks itself (then `ranks` is their count)."""
     shards_dir, _, checkpoint, store_path = stage_one
     raw = json.loads(json.dumps(to_dict(params)))  # tuples -> lists, for YAML
+    if runtime is not None:
+        raw["runtime"] = runtime
     params_file = write_params_file(tmp_path / f"{name}.yaml", raw)
     records = tmp_path / f"{name}_rows"
     records.mkdir()
     args = ["tests/record_training_rows.py", records, "stages/train_student.py", "--params",
             params_file, "--shards", shards_dir, "--store", store_path, "--teacher-checkpoint",
             checkpoint, "--out", tmp_path / name, "--live", tmp_path / f"{name}_live"]
-    if ranks == 2:
+    if ranks == 2 and runtime is None:
         torchrun(*args)
     else:
         result = subprocess.run([sys.executable, *map(str, args)], capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-6000:]
+        launched = f"launching {ranks} processes (gloo, CPU)" in result.stdout
+        assert launched == (ranks > 1), result.stdout[-3000:]
     found = [json.loads(path.read_text()) for path in sorted(records.glob("rank*.json"))]
     assert len(found) == ranks
     return found, load_checkpoint(tmp_path / name / "checkpoint.pt")
@@ -245,3 +250,19 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(stage_one,
     assert result.returncode != 0
     assert ("Error: student.batch_size: 33 does not split evenly over 2 ranks"
             in result.stdout + result.stderr)
+
+
+def test_a_stage_outside_torchrun_launches_runtime_devices_ranks_as_torchrun_would(stage_one,
+                                                                                  tmp_path):
+    """`runtime.devices: 2` on a CPU: plain `python stages/train_student.py` launches 2 gloo
+    ranks itself (pipeline.launch), which train on the same rows, step for step, to the same
+    weights as `torchrun --nproc_per_node 2`."""
+    params = tiny_params(loss="ikl", epochs=1, batch_size=32)
+    by_torchrun, torchrun_state = run_recorded(tmp_path, "torchrun", params, stage_one, ranks=2)
+    launched, launched_state = run_recorded(tmp_path, "launched", params, stage_one, ranks=2,
+                                            runtime={"devices": 2})
+    assert launched == by_torchrun and len(launched) == 2
+    assert launched[0]["epochs"] != launched[1]["epochs"]  # two ranks, each its own rows
+    assert launched_state["epoch"] == torchrun_state["epoch"]
+    for name, tensor in torchrun_state["model"].items():
+        assert torch.equal(launched_state["model"][name], tensor), name

@@ -1,0 +1,123 @@
+"""The CPU path's steps, each against what it replaced, in one process, alternating:
+
+    python benchmarks/decode_steps.py                  # photo-like data of benchmarks/loader.py
+    python benchmarks/decode_steps.py --sizes 224 112 --rounds 7
+
+1. reading a tar shard into (name, bytes) members: webdataset's tarfile-based
+   `tar_file_expander` vs pipeline.tars.tar_members (us per member, whole shards from memory);
+2. one view's pixels from the encoded bytes: the full decode + apply_view (the path before
+   JPEG draft mode) vs pipeline.stream.SourceImage.crop (draft mode where the crop allows it),
+   view 0 of every train row, at each --sizes crop side; prints the share of drafted views.
+Data: the train shards of benchmarks/loader.py's photo-like set (run it once first; its cache
+is --work). Each round times every alternative once over all the data, in rotating order;
+figures are medians over --rounds rounds, ratios medians of per-round ratios. One process, one
+torch thread, timed by its CPU time (time.process_time): per-core costs that other jobs on a
+shared machine do not inflate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import load_line, median  # noqa: E402
+
+
+def tar_alternatives(blobs: list[bytes]) -> dict:
+    from webdataset.tariterators import tar_file_expander
+
+    from pipeline.tars import tar_members
+
+    def with_tarfile():
+        return sum(1 for blob in blobs for member in tar_file_expander(
+            [{"url": "memory", "stream": io.BytesIO(blob)}]) if member)
+
+    def direct():
+        return sum(1 for blob in blobs for _ in tar_members(io.BytesIO(blob)))
+
+    return {"tarfile (webdataset)": with_tarfile, "pipeline.tars": direct}
+
+
+def crop_alternatives(samples: list[dict], boxes, flips, size: int) -> dict:
+    from pipeline.augment import apply_view
+    from pipeline.stream import SourceImage, decode
+
+    def full():
+        for sample, box, flip in zip(samples, boxes, flips):
+            apply_view(decode(sample), box, bool(flip), size)
+        return len(samples)
+
+    def drafted():
+        for sample, box, flip in zip(samples, boxes, flips):
+            SourceImage(sample).crop(box, bool(flip), size)
+        return len(samples)
+
+    return {f"full decode + apply_view, {size} px": full,
+            f"SourceImage.crop (draft), {size} px": drafted}
+
+
+def race(alternatives: dict, rounds: int) -> dict:
+    """name -> per-round CPU microseconds per item, alternatives in rotating order."""
+    names = list(alternatives)
+    times = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.process_time()  # CPU time: not inflated by other jobs' load
+            count = alternatives[name]()
+            times[name].append(1e6 * (time.process_time() - start) / count)
+    return times
+
+
+def report(times: dict, unit: str) -> None:
+    names = list(times)
+    for name in names:
+        print(f"  {name:<42} {median(times[name]):9.1f} CPU us/{unit}   (rounds: "
+              f"{', '.join(f'{v:.0f}' for v in times[name])})")
+    ratio = median(a / b for a, b in zip(times[names[0]], times[names[1]]))
+    print(f"  speed-up {names[1]} vs {names[0]}: {ratio:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/ikl-distill-loader-photo/photo-40x25")
+    parser.add_argument("--max-side", type=int, default=0)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 112])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from pipeline.augment import draft_scale, draw_views
+    from pipeline.shards import load_manifest
+    from pipeline.stream import SourceImage, read_shard, split_shards
+
+    shards_dir = Path(args.work) / f"shards-max{args.max_side}"
+    if not (shards_dir / "manifest.json").is_file():
+        sys.exit(f"{shards_dir}: not found; run benchmarks/loader.py first (it prepares it)")
+    shards = split_shards(str(shards_dir), load_manifest(str(shards_dir)), "train")
+    blobs = [Path(shard.url).read_bytes() for shard in shards]
+    samples = [sample for shard in shards for sample in read_shard(shard)]
+    sizes = [(image.height, image.width) for image in map(SourceImage, samples)]
+    boxes, flips = draw_views(0, 1, [s["meta"]["row"] for s in samples], *zip(*sizes))
+    print(f"decode steps on {len(samples)} train rows of {shards_dir} "
+          f"({sum(map(len, blobs)) / 2**20:.1f} MiB in {len(blobs)} shards), {load_line()}")
+    print("1. tar members (name, bytes) from whole shards in memory:")
+    report(race(tar_alternatives(blobs), args.rounds), "member")
+    for size in args.sizes:
+        scales = [draft_scale(box, h, w, size) for box, (h, w) in zip(boxes[0], sizes)]
+        shares = ", ".join(f"1/{s}: {np.mean(np.array(scales) == s):.0%}" for s in (1, 2, 4, 8))
+        print(f"2. view 0 of every row at {size} px (draft scale of the views: {shares}):")
+        report(race(crop_alternatives(samples, boxes[0], flips[0], size), args.rounds),
+               "view")
+    print(load_line() + " (at the end)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The one decode path (pipeline.stream.SourceImage, JPEG draft mode): the teacher's dump and
+the student's replay see the same pixels for every view, bit for bit; a drafted view is the
+same view (its box mapped exactly), only decoded at a DCT scale."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipeline.dump
+from helpers_stage_one import CLASS_IMAGES, params_from, toy_raw_params, with_changes
+from pipeline.augment import (DECODE, apply_view, apply_view_drafted, draft_scale,
+                              draw_views, pixel_box)
+from pipeline.distill import crop_spec
+from pipeline.dump import dump_logits
+from pipeline.errors import UserError
+from pipeline.models import build_model
+from pipeline.shards import prepare_shards
+from pipeline.store import open_store
+from pipeline.stream import SourceImage, ViewSource, split_shards, train_loader
+
+SIZE, VIEWS = 16, 4
+
+
+def textured(height: int, width: int, seed: int) -> np.ndarray:
+    """(H, W, 3) uint8: ramps and waves of a few px period, so a misplaced box shows."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:height, :width].astype(np.float32)
+    waves = [96 + 60 * np.sin(x / rng.uniform(3, 9) + y / rng.uniform(4, 12) + c)
+             + 0.3 * (x + y) % 64 for c in range(3)]
+    return np.clip(np.stack(waves, axis=-1), 0, 255).astype(np.uint8)
+
+
+def jpeg_sample(pixels: np.ndarray) -> dict:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return {"jpg": buffer.getvalue(), "__key__": "x", "__url__": "memory://x"}
+
+
+def test_draft_scale_keeps_at_least_the_output_size_on_both_sides():
+    assert draft_scale((0, 0, 1, 1), 100, 200, 16) == 4  # 100 x 200 crop: 100 // 16 = 6
+    assert draft_scale((0, 0, 1, 1), 255, 400, 32) == 4  # 255 / 8 < 32, 255 / 4 >= 32
+    assert draft_scale((0, 0, 1, 1), 256, 400, 32) == 8
+    assert draft_scale((0, 0, 0.5, 1), 100, 100, 32) == 1  # a 50 px side: 25 < 32
+    assert draft_scale((0, 0, 1, 1), 400, 400, 224) == 1  # ImageNet sizes at 224 px
+
+
+def test_a_drafted_view_is_the_same_view_decoded_at_a_dct_scale():
+    """On smooth ramps (which DCT scaling keeps almost exactly) a drafted view matches the full
+    decode's within 0.4 grey levels on average, with no drift; the same box moved by one
+    drafted pixel (`scale` source pixels) is 0.7 to 3 levels off: the box maps exactly."""
+    y, x = np.mgrid[:300, :410].astype(np.float32)
+    ramps = np.stack([0.4 * x + 0.25 * y + 5, 250 - 0.4 * x - 0.2 * y, 0.3 * x + 0.3 * y + 30],
+                     axis=-1).clip(0, 255).astype(np.uint8)
+    image = SourceImage(jpeg_sample(ramps))
+    boxes, flips = draw_views(5, 40, np.arange(1), 300, 410)  # (40, 1, 4)
+    scales = []
+    for box, flip in zip(boxes[:, 0], flips[:, 0]):
+        scale = draft_scale(box, 300, 410, 32)
+        scales.append(scale)
+        if scale == 1:
+            continue
+        crop = image.crop(box, bool(flip), 32).float()
+        full = apply_view(image.full(), box, bool(flip), 32).float()
+        assert (crop - full).abs().mean() < 0.4 and abs((crop - full).mean()) < 0.15, scale
+        top, left, height, width = pixel_box(box, 300, 410)
+        moved = box.copy()
+        moved[1] = (left + scale if left + scale + width <= 410 else left - scale) / 410
+        off = apply_view(image.full(), moved, bool(flip), 32).float()
+        assert (off - full).abs().mean() > 0.7
+    assert {2, 4, 8} <= set(scales)
+
+
+def test_drafted_views_decode_each_scale_once():
+    image = SourceImage(jpeg_sample(textured(200, 200, seed=2)))
+    first = image.crop((0, 0, 1, 1), False, 32)  # 200 px crop: 1/4 draft
+    assert set(image._decoded) == {4} and image._decoded[4].size == (50, 50)
+    assert torch.equal(image.crop((0, 0, 1, 1), False, 32), first)
+    assert set(image._decoded) == {4}
+    whole = apply_view_drafted(image._decoded[4], (0, 0, 1, 1), True, 32, 200, 200, 4)
+    assert torch.equal(whole, first.flip(-1))
+
+
+@pytest.fixture(scope="module")
+def jpeg_data(tmp_path_factory):
+    """The toy stage-one layout with textured JPEGs of 20..160 px: most views drafted at 1/2,
+    1/4 or 1/8 for 16 px crops, some not."""
+    root = tmp_path_factory.mktemp("jpegs")
+    rng = np.random.default_rng(0)
+    for name, count in CLASS_IMAGES.items():
+        (root / "images" / name).mkdir(parents=True)
+        for index in range(count):
+            height, width = (int(v) for v in rng.integers(20, 161, 2))
+            Image.fromarray(textured(height, width, seed=index)).save(
+                root / "images" / name / f"{index:02d}.jpg", quality=90)
+    raw = with_changes(toy_raw_params(root / "images"), "logits", views=VIEWS, tail="none",
+                       batch_size=64)
+    params = params_from(raw)
+    manifest = prepare_shards(params.data, params.seed, root / "shards")
+    torch.manual_seed(0)
+    model = build_model("resnet8", manifest["num_classes"])
+    checkpoint = root / "teacher.pt"
+    torch.save({"model": model.state_dict(), "arch": "resnet8", "small_input": False,
+                "num_classes": manifest["num_classes"], "epoch": 0,
+                "params": {"train": {"image_size": SIZE}}}, checkpoint)
+    return root, params, manifest, checkpoint
+
+
+def test_dump_and_replay_see_the_same_pixels_for_every_view(jpeg_data, monkeypatch):
+    root, params, manifest, checkpoint = jpeg_data
+    seen = []  # the dump's uint8 crops, one (n, 3, 16, 16) batch per shard and view
+    real_normalize = pipeline.dump.normalize
+    monkeypatch.setattr(pipeline.dump, "normalize",
+                        lambda crops: seen.append(crops.clone()) or real_normalize(crops))
+    store_path = root / "teacher.zarr"
+    dump_logits(params, "teacher", str(root / "shards"), str(checkpoint), str(store_path))
+    shards = split_shards(str(root / "shards"), manifest, "train")
+    assert len(seen) == len(shards) * VIEWS
+    dumped = {}  # (view, row) -> crop
+    for index, shard in enumerate(shards):
+        for view in range(VIEWS):
+            for row, crop in zip(range(shard.start, shard.stop), seen[index * VIEWS + view]):
+                dumped[view, row] = crop
+    store = open_store(str(store_path))
+    assert store.attributes["decode"] == DECODE
+    replayed = {}
+    for epoch in range(VIEWS):  # epoch e replays view e
+        views = ViewSource(params.seed, epoch, 1, crop_spec(params.augment), store)
+        for batch in train_loader(shards, views, batch_size=8, image_size=SIZE, workers=0):
+            for row, crop in zip(batch["rows"].tolist(), batch["images"]):
+                replayed[epoch, row] = crop
+    assert replayed.keys() == dumped.keys()
+    for key, crop in dumped.items():
+        assert torch.equal(replayed[key], crop), key
+    scales = [draft_scale(store.read_rows(v, 0, store.rows)["boxes"][row], *sizes)
+              for v in range(VIEWS) for row, sizes in enumerate(_sizes(root, shards))]
+    assert {1, 2, 4} <= set(scales)  # the test covers full and drafted decodes
+
+
+def _sizes(root, shards):
+    """(height, width, SIZE) of every train row, in row order."""
+    from pipeline.stream import read_shard
+
+    return [(image.height, image.width, SIZE) for shard in shards
+            for image in map(SourceImage, read_shard(shard))]
+
+
+def test_a_store_dumped_with_another_decode_is_refused(jpeg_data):
+    root, params, manifest, _ = jpeg_data
+    store = open_store(str(root / "teacher.zarr"))
+    store.attributes["decode"] = "some-other-decoder"
+    views = ViewSource(params.seed, 0, 1, crop_spec(params.augment), store)
+    with pytest.raises(UserError, match="decode path 'some-other-decoder'.*rerun dump_logits"):
+        train_loader(split_shards(str(root / "shards"), manifest, "train"), views,
+                     batch_size=8, image_size=SIZE, workers=0)
