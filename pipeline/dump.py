@@ -29,8 +29,8 @@ from pipeline.shards import file_sha256, load_manifest
 from pipeline.store import (TAIL_FIT_ROWS, TailBasis, check_image_sides, completed_shards,
                             create_prior_partials, create_store, drop_prior_partials,
                             finalize_store, fit_tail_basis, has_tail, identity, open_existing,
-                            reduce_prior_partials, store_identity, write_prior_partials,
-                            write_shard, write_tail_basis)
+                            reduce_prior_partials, store_identity, verify_store,
+                            write_prior_partials, write_shard, write_tail_basis)
 from pipeline.store.tail import tail_components
 from pipeline.stream import Shard, SourceImage, read_shard, split_shards
 
@@ -129,8 +129,9 @@ def _target_path(store_path: str, wanted: dict, is_main: bool) -> str | None:
     """Where this dump writes: None when a complete store with exactly these attributes is
     already there (kept, never rewritten); the store itself when it is absent or an unfinished
     dump of the same (resumed); otherwise a replacement beside it, swapped in once complete, so
-    a crash never leaves less than there was. Rank 0 (`is_main`) also finishes a swap a crash
-    interrupted and clears a stale replacement."""
+    a crash never leaves less than there was. A complete matching store that fails
+    `verify_store` (a missing or damaged chunk) is rebuilt the same way. Rank 0 (`is_main`) also
+    finishes a swap a crash interrupted and clears a stale replacement."""
     replacement = store_path + REPLACEMENT_SUFFIX
     previous = open_existing(replacement, mode="r")
     if previous is not None and identity(dict(previous.attrs)) == wanted and (
@@ -142,12 +143,21 @@ def _target_path(store_path: str, wanted: dict, is_main: bool) -> str | None:
     if existing is None:
         return store_path
     if identity(dict(existing.attrs)) == wanted:
-        return None if existing.attrs.get("complete") else store_path
+        if not existing.attrs.get("complete"):
+            return store_path
+        # Kept only if every chunk still reads back with its checksum: a damaged store is
+        # rebuilt beside it, never trusted (reading it costs far less than dumping it).
+        problems = verify_store(store_path)
+        if not problems:
+            return None
+        if is_main:
+            print(f"{store_path} matches this dump but is damaged ({problems[0]}); "
+                  "rebuilding it")
     if is_main:
         if previous is not None and identity(dict(previous.attrs)) != wanted:
             _remove(replacement)  # a stale replacement of some other dump
-        print(f"{store_path} holds another dump; building its replacement in "
-              f"{replacement}, swapped in when complete")
+        print(f"{store_path}: building its replacement in {replacement}, swapped in when "
+              "complete")
     return replacement
 
 

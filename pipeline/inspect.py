@@ -217,6 +217,14 @@ def inspect_command(store_path: str, row: int | None, view: int, verify: bool,
                     manifest: str | None, plot_file: str | None, temperature: float | None) -> None:
     """Summarise a teacher logit store STORE (a path or fsspec URL): shapes, sizes, identity and
     the coverage of the top-k probability mass; or show one view, verify, or plot it."""
+    try:
+        _inspect(store_path, row, view, verify, manifest, plot_file, temperature)
+    except (FileNotFoundError, UserError) as error:  # e.g. a damaged chunk: one line
+        raise click.ClickException(str(error)) from None
+
+
+def _inspect(store_path: str, row: int | None, view: int, verify: bool, manifest: str | None,
+             plot_file: str | None, temperature: float | None) -> None:
     if verify or manifest:
         fingerprint = None
         if manifest:
@@ -239,10 +247,7 @@ def inspect_command(store_path: str, row: int | None, view: int, verify: bool,
         click.echo(f"OK {store_path}: {store.num_shards} shards, {store.rows} rows x "
                    f"{store.views} views complete, every chunk matches its checksum{checked}")
         return
-    try:
-        store = open_store(store_path, require_complete=False)
-    except (FileNotFoundError, UserError) as error:
-        raise click.ClickException(str(error)) from error
+    store = open_store(store_path, require_complete=False)
     if row is not None:
         if not 0 <= row < store.rows or not 0 <= view < store.views:
             raise click.BadParameter(f"--row must be in [0, {store.rows}) and --view in "

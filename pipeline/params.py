@@ -292,6 +292,14 @@ def check_consistency(params: Params) -> Params:
         raise ParamsError(f"logits.topk: {params.logits.topk} exceeds the {num_classes} "
                           f"classes of data.source {params.data.source}; set logits.topk <= "
                           f"{num_classes}")
+    # Known before any dump (the student's stage checks the store itself when C is unknown).
+    if (student.loss == "ikl" and params.logits.tail == "none" and num_classes
+            and params.logits.topk < num_classes and not student.ikl.approximate_tail
+            and not student.online_teacher):
+        raise ParamsError(
+            f"logits.tail: none keeps only the top-{params.logits.topk} of {num_classes} "
+            "logits, but an IKL student needs every class's logit; set logits.tail: quantized, "
+            "or student.ikl.approximate_tail: true to train on the evenly filled tail anyway")
     if student.views_per_decode > params.logits.views:
         raise ParamsError(f"student.views_per_decode: {student.views_per_decode} exceeds the "
                           f"{params.logits.views} cached views (logits.views); the extra crops "

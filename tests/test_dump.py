@@ -30,7 +30,7 @@ from pipeline.losses import class_prior
 from pipeline.shards import file_sha256
 from pipeline.store import (
     CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PARTIALS_GROUP, StoreMismatchError, open_store,
-    shard_bounds)
+    shard_bounds, verify_store)
 from pipeline.store.tail import TAIL_STEP, tail_components
 from stages.dump_logits import main as dump_main
 from stages.train_student import main as student_main
@@ -784,3 +784,19 @@ def test_a_dump_killed_at_seeded_random_writes_resumes_to_an_identical_store(
     assert sorted(faulted) == sorted(reference)
     for name, array in reference.items():
         assert_bitwise_equal(faulted[name], array, name)
+
+
+def test_a_rerun_rebuilds_a_complete_store_that_lost_a_chunk(stage_one_data, teacher_checkpoint,
+                                                             store_path, tmp_path):
+    """`dvc repro` after a chunk was deleted must not keep the damaged store."""
+    path = tmp_path / "damaged.zarr"
+    shutil.copytree(store_path, path)
+    chunk = next(p for p in sorted((path / "topk_classes" / "c").rglob("*")) if p.is_file())
+    chunk.unlink()
+    dump_to(stage_one_data, teacher_checkpoint, path)
+    assert verify_store(str(path)) == []
+    rebuilt, rebuilt_attrs = read_everything(path)
+    reference, reference_attrs = read_everything(store_path)
+    assert rebuilt_attrs == reference_attrs
+    for name, array in reference.items():
+        assert_bitwise_equal(rebuilt[name], array, name)

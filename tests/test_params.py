@@ -88,3 +88,17 @@ def test_params_are_frozen():
     params = parse(Params, yaml.safe_load("seed: 3"), "")
     with pytest.raises(AttributeError):
         params.seed = 4
+
+
+def test_an_ikl_student_on_a_top_k_only_store_is_refused_before_any_dump(tmp_path):
+    """With the number of classes known from the source, the refusal comes at params time,
+    not after a dump."""
+    path = tmp_path / "params.yaml"
+    path.write_text("logits:\n  topk: 5\n  tail: none\nstudent:\n  loss: ikl\n")
+    with pytest.raises(ParamsError, match="logits.tail: none keeps only the top-5 of 10"):
+        load_params(path)
+    path.write_text("logits:\n  topk: 5\n  tail: none\nstudent:\n  loss: ikl\n  ikl:\n"
+                    "    approximate_tail: true\n")
+    assert load_params(path).logits.tail == "none"
+    path.write_text("logits:\n  topk: 10\n  tail: none\nstudent:\n  loss: ikl\n")
+    assert load_params(path).logits.topk == 10  # k = C: every logit is kept

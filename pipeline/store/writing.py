@@ -56,11 +56,17 @@ def shard_bounds(rows: int, shard_rows: int, shard_index: int) -> tuple[int, int
 def encoding_attributes(max_image_side: int) -> dict:
     """What a plain Zarr reader needs to decode the arrays (see pipeline/store/encoding.py)."""
     return {
-        "topk_codes": "float16 log-probabilities p = -view(cumsum(codes, axis=-1), float16)",
-        "logits": "logit = log-probability + logsumexp",
+        "topk_codes": ("top-k log-probabilities, descending, in the order of topk_classes: "
+                       "-(cumsum(topk_codes, axis=-1, dtype=uint16).view(float16)); the cumsum "
+                       "must stay uint16 (it wraps), then the bits are read as float16"),
+        "logits": "logit = log-probability + logsumexp (float32)",
         "box_scale": box_scale(max_image_side),
-        "boxes": "box = boxes / box_scale (top, left, height, width)",
+        "boxes": ("crop box (top, left, height, width) as fractions of the decoded source "
+                  "image's height and width = boxes / box_scale; pixels = round(fraction * "
+                  "side), exact for sides up to max_image_side"),
         "logsumexp_keepbits": LOGSUMEXP_KEEPBITS,
+        "logsumexp": "float32 rounded to logsumexp_keepbits mantissa bits (relative error "
+                     "<= 2**-17), the dropped bits zero",
         "tail_step": TAIL_STEP,
         "tail": ("log-probability = tail_mean + (tail_coefficients * tail_scales) @ "
                  "tail_basis.T + tail_step * unzigzag(tail_residuals), where unzigzag(z) = "
