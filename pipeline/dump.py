@@ -1,5 +1,5 @@
 """Stage one's dump: every train row, V seeded views, the teacher's top-k logits, into the
-teacher's Zarr store (contract: shared/DESIGN.md and pipeline/store.py).
+teacher's Zarr store (contract: shared/DESIGN.md and pipeline/store/).
 
 Per WebDataset shard: decode each image once, draw its V views from (seed, view, row), run the
 teacher (eval mode, no gradients) on each view, keep the top-k raw logits, their classes and
