@@ -62,7 +62,7 @@ def queue(rows: list[str], seeds: list[int]) -> None:
 
 def experiments() -> dict[str, dict]:
     """Experiment name -> its results/student/test.json metrics, from `dvc exp show --json`."""
-    shown = json.loads(dvc("exp", "show", "--json", capture=True))
+    shown = json.loads(dvc("exp", "show", "--json", "--all-commits", capture=True))
     found = {}
     for baseline in shown:
         for experiment in baseline.get("experiments") or []:
