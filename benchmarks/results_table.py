@@ -69,6 +69,8 @@ def experiments() -> dict[str, dict]:
             for revision in experiment.get("revs", []):
                 name = revision.get("name")
                 data = revision.get("data") or {}
+                if data.get("rev") == "workspace":  # still running: its files are the base's
+                    continue
                 metrics = (data.get("metrics") or {}).get("results/student/test.json")
                 if name and metrics and "data" in metrics:
                     found[name] = metrics["data"]
