@@ -127,8 +127,12 @@ def _remove_stale(lock: Path, holder: dict) -> bool:
     try:  # a live writer's lock: put it back (link fails if the name is taken again)
         os.link(aside, lock)
     except FileExistsError:
-        pass
-    aside.unlink(missing_ok=True)
+        # A third process locked the path in between; its lock stands and the live writer
+        # we moved keeps running without a file (its exit removes only its own lock).
+        # Nothing safer can be done without a lock server: report it as not taken over.
+        return False
+    finally:
+        aside.unlink(missing_ok=True)
     return False
 
 

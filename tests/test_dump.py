@@ -103,6 +103,18 @@ def file_tree(path) -> dict[str, tuple[str, int]]:
             for file in sorted(root.rglob("*")) if file.is_file()}
 
 
+def count_dumped_shards(monkeypatch) -> list[int]:
+    """Spy on the dump: the list fills with the index of every shard it computes."""
+    real_dump_shard, dumped = pipeline.dump._dump_shard, []
+
+    def counted(group, index, *args, **kwargs):
+        dumped.append(index)
+        return real_dump_shard(group, index, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.dump, "_dump_shard", counted)
+    return dumped
+
+
 def assert_bitwise_equal(actual, expected, name):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
     assert actual.tobytes() == expected.tobytes(), f"{name} differs"
@@ -230,13 +242,7 @@ def test_killed_dump_resumes_to_an_identical_store(stage_one_data, teacher_check
         open_store(str(path))
 
     monkeypatch.setattr(pipeline.dump, "write_shard", real_write_shard)
-    real_dump_shard, dumped = pipeline.dump._dump_shard, []
-
-    def counted(group, index, *args, **kwargs):
-        dumped.append(index)
-        return real_dump_shard(group, index, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline.dump, "_dump_shard", counted)
+    dumped = count_dumped_shards(monkeypatch)
     dump_to(stage_one_data, teacher_checkpoint, path)
     assert dumped == [2, 3]  # shards 0 and 1 were complete: not recomputed
 
@@ -577,13 +583,7 @@ def test_rerun_with_other_params_builds_a_replacement_and_swaps_it_in(
     assert partial.completed_shards() == {0}
 
     monkeypatch.setattr(pipeline.dump, "write_shard", real_write_shard)
-    real_dump_shard, dumped = pipeline.dump._dump_shard, []
-
-    def counted(group, index, *args, **kwargs):
-        dumped.append(index)
-        return real_dump_shard(group, index, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline.dump, "_dump_shard", counted)
+    dumped = count_dumped_shards(monkeypatch)
     dump_to(data, teacher_checkpoint, path, params=params)
     assert dumped == [1, 2, 3]  # the replacement resumed: shard 0 was not recomputed
     assert sorted(os.listdir(path.parent)) == ["teacher.zarr"]  # .next (and .old) gone
@@ -594,7 +594,7 @@ def test_rerun_with_other_params_builds_a_replacement_and_swaps_it_in(
     decoded = np.stack([new.teacher_logits(view, 0, TRAIN_ROWS) for view in range(VIEWS)])
     np.testing.assert_allclose(decoded, replayed_logits, rtol=2**-10, atol=1e-3)
     # the same store, bit for bit, as a dump of these params from scratch
-    monkeypatch.setattr(pipeline.dump, "_dump_shard", real_dump_shard)
+    monkeypatch.undo()  # the real dump again, unobserved
     direct = dump_to(data, teacher_checkpoint, tmp_path / "direct.zarr", params=params)
     swapped, swapped_attrs = read_everything(path)
     reference, reference_attrs = read_everything(direct)
@@ -644,13 +644,7 @@ def test_a_dump_killed_midway_through_the_swap_completes_it_on_rerun(
         dump_to(data, teacher_checkpoint, path, params=params)
     assert sorted(os.listdir(tmp_path)) == ["teacher.zarr.next", "teacher.zarr.old"]
     monkeypatch.undo()
-    real_dump_shard, dumped = pipeline.dump._dump_shard, []
-
-    def counted(group, index, *args, **kwargs):
-        dumped.append(index)
-        return real_dump_shard(group, index, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline.dump, "_dump_shard", counted)
+    dumped = count_dumped_shards(monkeypatch)
     dump_to(data, teacher_checkpoint, path, params=params)
     assert dumped == []  # the finished replacement is swapped in, not dumped again
     assert open_expected(data, teacher_checkpoint, path).topk == CLASSES
