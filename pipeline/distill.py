@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.augment import CropSpec
+from pipeline.augment import DECODE, CropSpec
 from pipeline.checkpoints import load_model
+from pipeline.device_decode import check_replay_decode, decode_path
 from pipeline.errors import UserError
 from pipeline.losses import DistillationObjective, PreviousEpochPrior, distillation_objective
 from pipeline.models import build_model, load_weights
@@ -24,7 +25,7 @@ from pipeline.train import TrainRun, fit
 
 # Store attributes that change what a student learns (its resume identity includes them).
 STORE_IDENTITY = ("teacher_sha256", "fingerprint", "seed", "augmentation", "views", "topk",
-                  "tail", "teacher_image_size")
+                  "tail", "teacher_image_size", "decode")
 
 
 def crop_spec(augment: AugmentParams) -> CropSpec:
@@ -69,6 +70,7 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
     objective = student_objective(settings)
     device = distributed().device
     store, targets = None, None
+    decode = decode_path(settings.decode, device)  # without a store: gpu on CUDA, else cpu
     # GI prior: the store's (exact, from the first step) or the previous epoch's (official).
     previous_epoch = objective.needs_class_prior and settings.ikl.prior == "previous_epoch"
     store_prior = objective.needs_class_prior and not previous_epoch
@@ -82,15 +84,20 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
         store = open_store(store_path, fingerprint=manifest["fingerprint"], seed=params.seed,
                            teacher_sha256=file_sha256(teacher_checkpoint))
         check_store_serves(store, settings)
+        # Stores from before the decode path was recorded decoded every view at full size
+        # with Pillow, which the CPU path does for them too (no drafted crop at those sizes).
+        recorded = store.attributes.get("decode", DECODE)
+        decode = decode_path(settings.decode, device, recorded)
+        check_replay_decode(store.path, recorded, decode)
         prior = store.class_prior(settings.ikl.weight_temperature) if store_prior else None
         targets = CachedTeacher(manifest["num_classes"], prior, device, store.tail_basis)
-        teacher_identity = {key: store.attributes[key] for key in STORE_IDENTITY}
+        teacher_identity = {key: store.attributes.get(key) for key in STORE_IDENTITY}
     class_prior = (PreviousEpochPrior(manifest["num_classes"], device=device,
                                       weight_temperature=settings.ikl.weight_temperature)
                    if previous_epoch else None)
     run = _run(params, settings, manifest, shards_dir, objective, store=store,
                teacher_targets=targets, teacher_identity=teacher_identity,
-               class_prior=class_prior, key="student", description="student")
+               class_prior=class_prior, key="student", description="student", decode=decode)
     seed = params.seed if settings.seed is None else settings.seed
     return fit(_new_model(settings, manifest, seed), run, out_dir, live_dir)
 
@@ -182,7 +189,8 @@ def rank_batch_size(batch_size: int, world_size: int, key: str) -> int:
 def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
          objective: DistillationObjective, *, store: LogitStore | None, key: str,
          teacher_targets=None, teacher_identity: dict | None = None,
-         class_prior: PreviousEpochPrior | None = None, description: str) -> TrainRun:
+         class_prior: PreviousEpochPrior | None = None, description: str,
+         decode: str = DECODE) -> TrainRun:
     train_shards = split_shards(shards_dir, manifest, "train")
     val_split = "val" if "val" in manifest["splits"] else "test"
     is_student = isinstance(settings, StudentParams)
@@ -200,7 +208,7 @@ def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
         return train_loader(train_shards, views, batch_size=batch_size,
                             image_size=settings.image_size, workers=settings.workers,
                             rank=ranks.rank, world_size=ranks.world_size, pin_memory=pin,
-                            drop_last=settings.drop_last)
+                            drop_last=settings.drop_last, decode=decode)
 
     def eval_batches(split: str):
         shards = split_shards(shards_dir, manifest, split)

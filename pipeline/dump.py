@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.augment import DECODE, CropSpec, draw_views, normalize
+from pipeline.augment import CropSpec, draw_views, normalize
+from pipeline.device_decode import (DEVICE_DECODE, cut_views, decode_on_device, decode_path,
+                                    worker_payload)
 from pipeline.distill import crop_spec, load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
@@ -69,8 +71,9 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
         "prior_temperatures": sorted(float(t) for t in settings.prior_temperatures),
         # The store encodes boxes exactly up to this side; smaller sides, fewer bytes.
         "max_image_side": manifest["splits"]["train"]["max_image_side"],
-        # how views become pixels (JPEG draft scales): the student's replay must decode alike
-        "decode": DECODE,
+        # how views become pixels (pipeline/device_decode.py): the student's, so its replay is
+        # the teacher's pixels; part of the identity, a change re-dumps
+        "decode": decode_path(params.student.decode, ranks.device),
     }
     shape = dict(rows=manifest["splits"]["train"]["rows"], views=settings.views,
                  topk=settings.topk, num_classes=num_classes,
@@ -107,7 +110,8 @@ def _dump(store_path: str, wanted: dict, shape: dict, attributes: dict, shards: 
             if has_tail(dict(group.attrs)) and "tail_basis_checksums" not in group.attrs:
                 # checksums are written last: without them the basis is absent or torn
                 write_tail_basis(group, _fit_tail_basis(shards, teacher, params, spec,
-                                                        num_classes, ranks.device))
+                                                        num_classes, ranks.device,
+                                                        group.attrs["decode"]))
         if turn == "main":
             ranks.barrier()  # the other ranks open the store rank 0 has created or kept
     done = completed_shards(group)
@@ -182,7 +186,7 @@ def _remove(store_path: str) -> None:
 
 
 def _fit_tail_basis(shards: list[Shard], teacher, params: Params, spec: CropSpec,
-                    num_classes: int, device) -> TailBasis:
+                    num_classes: int, device, decode: str) -> TailBasis:
     """The quantised tail's PCA basis, fitted on the teacher's log-probabilities of view 0 of
     the first TAIL_FIT_ROWS train rows (prepare shuffles rows, so they mix classes): the same
     rows, crops and teacher on every run, so the basis, and the store, are reproducible."""
@@ -198,7 +202,9 @@ def _fit_tail_basis(shards: list[Shard], teacher, params: Params, spec: CropSpec
     boxes, flips = draw_views(params.seed, 1, np.array(rows),
                               [image.height for image in images],
                               [image.width for image in images], spec=spec)  # view 0
-    logits = _teacher_logits(teacher, images, boxes[0], flips[0], params.logits, device)
+    decoded = _decoded_on_device(images, decode, device)
+    logits = _teacher_logits(teacher, images, boxes[0], flips[0], params.logits, device,
+                             decoded)
     _check_finite(logits, rows, 0, urls)
     log_probs = torch.log_softmax(logits.double(), dim=1).numpy()  # (m, C)
     return fit_tail_basis(log_probs, tail_components(num_classes))
@@ -216,6 +222,7 @@ def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, spec: 
     samples = list(read_shard(shard))
     metas = [sample["meta"] for sample in samples]
     images = [SourceImage(sample) for sample in samples]  # decoded once per draft scale
+    decoded = _decoded_on_device(images, group.attrs["decode"], device)  # or once here
     rows = np.array([meta["row"] for meta in metas])
     labels = np.array([meta["label"] for meta in metas])
     if not np.array_equal(rows, np.arange(shard.start, shard.stop)):
@@ -232,7 +239,7 @@ def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, spec: 
     logits = []  # per view (n, C) float32
     for view in range(settings.views):
         view_logits = _teacher_logits(teacher, images, boxes[view], flips[view], settings,
-                                      device)
+                                      device, decoded)
         _check_finite(view_logits, rows, view, shard.url)
         logits.append(view_logits.numpy())
         for accumulator in priors.values():
@@ -253,9 +260,19 @@ def _check_finite(logits: torch.Tensor, rows, view: int, urls) -> None:
                         f"({url}); check the teacher checkpoint")
 
 
+def _decoded_on_device(images: list[SourceImage], decode: str, device) -> list | None:
+    """On the device path, the images decoded once on `device` ((3, H, W) uint8 each: one
+    shard's worth, or the tail basis's rows); None on the CPU path (SourceImage decodes)."""
+    if decode != DEVICE_DECODE:
+        return None
+    return decode_on_device([worker_payload(image) for image in images], device)
+
+
 @torch.no_grad()
-def _teacher_logits(teacher, images, boxes, flips, settings, device) -> torch.Tensor:
-    """(n, C) float32 logits of one view of every image, in batches.
+def _teacher_logits(teacher, images, boxes, flips, settings, device,
+                    decoded: list | None = None) -> torch.Tensor:
+    """(n, C) float32 logits of one view of every image, in batches: cut from the images
+    `decoded` on the device (device path), else by each SourceImage (CPU path).
 
     Computed in float32, without bf16 autocast: bf16 logits keep 8 significant bits, fewer
     than the store's float16 (11), and the logsumexp and class priors, which the contract
@@ -265,9 +282,13 @@ def _teacher_logits(teacher, images, boxes, flips, settings, device) -> torch.Te
     chunks = []
     for start in range(0, len(images), settings.batch_size):
         stop = start + settings.batch_size
-        crops = torch.stack([image.crop(box, bool(flip), settings.image_size)
-                             for image, box, flip in zip(images[start:stop], boxes[start:stop],
-                                                         flips[start:stop])])
+        if decoded is None:
+            crops = torch.stack([image.crop(box, bool(flip), settings.image_size)
+                                 for image, box, flip in zip(
+                                     images[start:stop], boxes[start:stop], flips[start:stop])])
+        else:  # the student's device path: apply_view of the full decode
+            crops = cut_views(decoded[start:stop], boxes[start:stop], flips[start:stop],
+                              settings.image_size)
         batch = normalize(crops.to(device, non_blocking=True))
         chunks.append(teacher(batch).float().cpu())
     return torch.cat(chunks)

@@ -170,6 +170,11 @@ class StudentParams(TrainParams):
     ikl: IKLParams = field(default_factory=IKLParams)
     views_per_decode: int = _param(1, at_least(1))  # m views of each decoded image per step
     online_teacher: bool = False  # run the teacher live instead of reading the cache
+    # Where the student's images (and its teacher's dump) are decoded: `cpu` in the DataLoader
+    # workers (Pillow, JPEG draft scales), `gpu` on the training device (nvJPEG on CUDA; the
+    # same code on the CPU without one), `auto`: the store's path when replaying one, else gpu
+    # on CUDA (pipeline/device_decode.py).
+    decode: str = _param("auto", one_of("auto", "cpu", "gpu"))
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from webdataset.tariterators import group_by_keys
 
 from pipeline.augment import (DECODE, CropSpec, apply_view, apply_view_drafted, draft_scale,
                               draw_views, eval_view)
+from pipeline.device_decode import DEVICE_DECODE, worker_payload
 from pipeline.errors import UserError
 from pipeline.shards import shard_url
 from pipeline.store import LOGIT_FIELDS
@@ -117,10 +118,13 @@ class ViewSource:
 
 def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
                  image_size: int, workers: int, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False, drop_last: bool = False) -> EpochBatches:
-    """One epoch of training batches for this rank (see the module docstring)."""
-    if views.store is not None:
-        _check_decode(views.store)
+                 pin_memory: bool = False, drop_last: bool = False,
+                 decode: str = DECODE) -> EpochBatches:
+    """One epoch of training batches for this rank (see the module docstring). `decode`: the
+    decode path, DECODE (the workers decode and cut the views: `images`) or DEVICE_DECODE (they
+    ship `payloads`, `boxes` and `flips` for pipeline.device_decode.batch_pixels)."""
+    if decode not in (DECODE, DEVICE_DECODE):
+        raise ValueError(f"unknown decode path {decode!r}")
     order = np.random.default_rng([views.order_seed, views.epoch]).permutation(len(shards))
     segments = rank_segments([shards[i] for i in order], rank, world_size)
     attach_views = _attach_drawn_views if views.store is None else _attach_cached_views
@@ -131,22 +135,12 @@ def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
         attach_views(views),
         wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 4, seed=int(
             np.random.SeedSequence([views.order_seed, views.epoch, rank]).generate_state(1)[0])),
-        _decode_and_crop(image_size),
-        wds.batched(min(batch_size, WORKER_CHUNK), collation_fn=default_collate, partial=True),
+        _decode_and_crop(image_size) if decode == DECODE else _views_to_decode_on_device,
+        wds.batched(min(batch_size, WORKER_CHUNK), collation_fn=_collate, partial=True),
     )
     steps = epoch_steps(sum(s.stop - s.start for s in shards), views.views_per_decode,
                         batch_size, world_size, drop_last=drop_last)
     return EpochBatches(_loader(pipeline, workers, pin_memory), batch_size, steps, drop_last)
-
-
-def _check_decode(store) -> None:
-    """A store's crops were decoded as this code decodes them (stores from before the decode
-    path was recorded are taken as they are: views decoded at full size match them)."""
-    recorded = store.attributes.get("decode", DECODE)
-    if recorded != DECODE:
-        raise UserError(f"logit store {store.path} was dumped with decode path {recorded!r}; "
-                        f"this code decodes with {DECODE!r}, so drafted views would not be the "
-                        "teacher's pixels: rerun dump_logits")
 
 
 def epoch_steps(rows: int, views_per_decode: int, batch_size: int, world_size: int, *,
@@ -210,7 +204,19 @@ class EpochBatches:
 def _concat(chunks: list[dict]) -> dict:
     if len(chunks) == 1:
         return chunks[0]
-    return {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+    return {key: ([item for chunk in chunks for item in chunk[key]]
+                  if isinstance(chunks[0][key], list)
+                  else torch.cat([chunk[key] for chunk in chunks])) for key in chunks[0]}
+
+
+def _collate(samples: list[dict]) -> dict:
+    """default_collate, except the device path's `payloads` (bytes and images of any size),
+    kept as a list."""
+    payloads = [sample.pop("payloads") for sample in samples] if "payloads" in samples[0] else None
+    batch = default_collate(samples)
+    if payloads is not None:
+        batch["payloads"] = payloads
+    return batch
 
 
 def eval_loader(shards: list[Shard], *, batch_size: int, image_size: int, workers: int,
@@ -299,9 +305,9 @@ class SourceImage:
     reuses the opened file)."""
 
     def __init__(self, sample: dict):
-        self.sample, self._data = sample, _image_bytes(sample)
+        self.sample, self.data = sample, _image_bytes(sample)  # the encoded file
         with _image_errors(sample):
-            self._unread = Image.open(io.BytesIO(self._data))  # header only
+            self._unread = Image.open(io.BytesIO(self.data))  # header only
         self.height, self.width = self._unread.height, self._unread.width
         self.jpeg = self._unread.format == "JPEG"
         self._decoded = {}  # draft scale -> (3, H, W) tensor at scale 1, RGB PIL image above
@@ -337,7 +343,7 @@ class SourceImage:
     def _unopened(self) -> Image.Image:
         """The file opened but not decoded: the header's on first use, then a new one."""
         image, self._unread = self._unread, None
-        return image if image is not None else Image.open(io.BytesIO(self._data))
+        return image if image is not None else Image.open(io.BytesIO(self.data))
 
 
 @contextmanager
@@ -441,6 +447,19 @@ def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:
             view[name] = torch.from_numpy(np.asarray(
                 value, dtype=np.int64 if name == "topk_classes" else value.dtype))
     return view
+
+
+def _views_to_decode_on_device(samples):
+    """Stage (device path): one training sample per attached view, carrying the image still
+    encoded (`pipeline.device_decode.worker_payload`) with its view's box and flip."""
+    for sample in samples:
+        image, meta = sample.get("image") or SourceImage(sample), sample["meta"]
+        payload = worker_payload(image)
+        for view in sample["views"]:
+            out = {"payloads": payload, "boxes": torch.as_tensor(view["box"], dtype=torch.float32),
+                   "flips": bool(view["flip"]), "labels": meta["label"], "rows": meta["row"]}
+            out.update({k: v for k, v in view.items() if k not in ("box", "flip")})
+            yield out
 
 
 def _decode_and_crop(image_size: int):

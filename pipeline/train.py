@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline.augment import normalize
+from pipeline.device_decode import batch_pixels
 from pipeline.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipeline.distributed import Distributed, distributed
 from pipeline.evaluate import predict, top_k_accuracy
@@ -153,7 +154,7 @@ def _train_epoch(model: nn.Module, run: TrainRun, epoch: int, optimizer, schedul
     model.train()
     sums = defaultdict(float)
     for step, batch in enumerate(run.train_batches(epoch)):
-        images = normalize(batch["images"].to(ranks.device, non_blocking=True))
+        images = normalize(batch_pixels(batch, ranks.device, run.settings.image_size))
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = batch["labels"].to(ranks.device, non_blocking=True)

@@ -13,6 +13,7 @@ import pipeline.dump
 from helpers_stage_one import CLASS_IMAGES, params_from, toy_raw_params, with_changes
 from pipeline.augment import (DECODE, apply_view, apply_view_drafted, draft_scale,
                               draw_views, pixel_box)
+from pipeline.device_decode import check_replay_decode
 from pipeline.distill import crop_spec
 from pipeline.dump import dump_logits
 from pipeline.errors import UserError
@@ -148,10 +149,10 @@ def _sizes(root, shards):
 
 
 def test_a_store_dumped_with_another_decode_is_refused(jpeg_data):
-    root, params, manifest, _ = jpeg_data
+    """The student's check (pipeline.distill.train_student calls it; the device path's own
+    refusal is in tests/test_device_decode.py)."""
+    root, _, _, _ = jpeg_data
     store = open_store(str(root / "teacher.zarr"))
-    store.attributes["decode"] = "some-other-decoder"
-    views = ViewSource(params.seed, 0, 1, crop_spec(params.augment), store)
+    check_replay_decode(store.path, store.attributes["decode"], DECODE)  # its own path: fine
     with pytest.raises(UserError, match="decode path 'some-other-decoder'.*rerun dump_logits"):
-        train_loader(split_shards(str(root / "shards"), manifest, "train"), views,
-                     batch_size=8, image_size=SIZE, workers=0)
+        check_replay_decode(store.path, "some-other-decoder", DECODE)

@@ -1,0 +1,173 @@
+"""The device decode path (student.decode: gpu; pipeline/device_decode.py), run on the CPU: the
+same tensor code a GPU runs, with libjpeg-turbo where a GPU has nvJPEG. It cuts the same boxes
+and flips as the CPU path (bit for bit wherever the CPU path decodes at full size), the dump
+and the replay see the same pixels, and a store is replayed only through its own path."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipeline.dump
+from helpers_stage_one import CLASS_IMAGES, params_from, toy_raw_params, with_changes
+from pipeline.augment import DECODE, apply_view, draft_scale, draw_views
+from pipeline.device_decode import (DEVICE_DECODE, batch_pixels, decode_path, device_views,
+                                    worker_payload)
+from pipeline.distill import crop_spec, train_student
+from pipeline.dump import dump_logits
+from pipeline.errors import UserError
+from pipeline.models import build_model
+from pipeline.shards import prepare_shards
+from pipeline.store import open_store
+from pipeline.stream import SourceImage, ViewSource, read_shard, split_shards, train_loader
+from test_decode import jpeg_sample, textured
+
+SIZE, VIEWS = 16, 3
+CPU = torch.device("cpu")
+
+
+def png_sample(pixels: np.ndarray) -> dict:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return {"png": buffer.getvalue(), "__key__": "x", "__url__": "memory://x"}
+
+
+def test_auto_follows_the_store_else_decodes_on_cuda_only():
+    cuda = torch.device("cuda", 0)
+    assert decode_path("auto", CPU) == DECODE
+    assert decode_path("auto", cuda) == DEVICE_DECODE
+    assert decode_path("auto", cuda, recorded=DECODE) == DECODE
+    assert decode_path("auto", CPU, recorded=DEVICE_DECODE) == DEVICE_DECODE
+    assert decode_path("cpu", cuda) == DECODE and decode_path("gpu", CPU) == DEVICE_DECODE
+    with pytest.raises(ValueError, match="'nvjpeg'"):
+        decode_path("nvjpeg", CPU)
+
+
+@pytest.mark.parametrize("make_sample", [jpeg_sample, png_sample])
+def test_the_device_path_cuts_the_cpu_paths_boxes_and_flips(make_sample):
+    """Same boxes, same flips, same resize: every view the CPU path decodes at full size is
+    bitwise the device path's (a PNG's always; a JPEG's when its crop is too small to draft).
+    Drafted views differ only by the DCT scaling (a few grey levels on average), which is why
+    a store records its path."""
+    height, width, CUT = 150, 210, 64  # crops under 128 px decode at full size, others at 1/2
+    sample = make_sample(textured(height, width, seed=4))
+    boxes, flips = draw_views(11, 48, np.arange(1), height, width)  # (48, 1, 4), (48, 1)
+    boxes, flips = boxes[:, 0], flips[:, 0]
+    cpu = SourceImage(sample)
+    payload = worker_payload(SourceImage(sample))
+    assert isinstance(payload, bytes) == ("jpg" in sample)
+    device = device_views([payload] * len(boxes), torch.from_numpy(boxes),
+                          torch.from_numpy(flips), CUT, CPU)  # (48, 3, 64, 64)
+    assert device.shape == (48, 3, CUT, CUT) and device.dtype == torch.uint8
+    full, drafted = 0, 0
+    for index, (box, flip) in enumerate(zip(boxes, flips)):
+        expected = cpu.crop(box, bool(flip), CUT)
+        if "png" in sample or draft_scale(box, height, width, CUT) == 1:
+            assert torch.equal(device[index], expected), index
+            full += 1
+        else:
+            assert (device[index].float() - expected.float()).abs().mean() < 12, index
+            drafted += 1
+    assert flips.any() and not flips.all()
+    assert full >= 5 and (drafted >= 5 or "png" in sample)
+
+
+def test_a_batch_is_decoded_where_it_trains():
+    jpeg = jpeg_sample(textured(40, 60, seed=1))
+    png = png_sample(textured(50, 30, seed=2))
+    payloads = [worker_payload(SourceImage(s)) for s in (jpeg, png, jpeg)]
+    boxes = torch.tensor([[0, 0, 1, 1], [0.1, 0.2, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]],
+                         dtype=torch.float32)
+    flips = torch.tensor([False, True, False])
+    batch = {"payloads": payloads, "boxes": boxes, "flips": flips,
+             "rows": torch.tensor([4, 5, 6])}
+    pixels = batch_pixels(batch, CPU, SIZE)
+    for index, sample in enumerate((jpeg, png, jpeg)):
+        expected = apply_view(SourceImage(sample).full(), boxes[index], bool(flips[index]), SIZE)
+        assert torch.equal(pixels[index], expected)  # the full-size decode, cut
+    cut = {"images": pixels}  # the CPU path's batch is only moved
+    assert batch_pixels(cut, CPU, SIZE) is pixels
+
+
+def test_a_jpeg_that_does_not_decode_names_the_rows():
+    data = jpeg_sample(textured(40, 60, seed=1))["jpg"]
+    with pytest.raises(UserError, match=r"rows \[7\].*student.decode: cpu"):
+        device_views([data[:300]], torch.tensor([[0, 0, 1, 1.0]]), torch.tensor([False]),
+                     SIZE, CPU, rows=[7])
+
+
+@pytest.fixture(scope="module")
+def device_store(tmp_path_factory):
+    """The toy layout with textured JPEGs, dumped with `student.decode: gpu` (on the CPU)."""
+    root = tmp_path_factory.mktemp("device")
+    rng = np.random.default_rng(1)
+    for name, count in CLASS_IMAGES.items():
+        (root / "images" / name).mkdir(parents=True)
+        for index in range(count):
+            height, width = (int(v) for v in rng.integers(20, 121, 2))
+            Image.fromarray(textured(height, width, seed=index)).save(
+                root / "images" / name / f"{index:02d}.jpg", quality=90)
+    raw = with_changes(toy_raw_params(root / "images"), "logits", views=VIEWS, tail="none",
+                       batch_size=64)
+    raw = with_changes(raw, "student", decode="gpu", loss="kl", epochs=1)
+    params = params_from(raw)
+    manifest = prepare_shards(params.data, params.seed, root / "shards")
+    torch.manual_seed(0)
+    model = build_model("resnet8", manifest["num_classes"])
+    checkpoint = root / "teacher.pt"
+    torch.save({"model": model.state_dict(), "arch": "resnet8", "small_input": False,
+                "num_classes": manifest["num_classes"], "epoch": 0,
+                "params": {"train": {"image_size": SIZE}}}, checkpoint)
+    return root, params, manifest, checkpoint, raw
+
+
+def test_dump_and_replay_on_the_device_path_see_the_same_pixels(device_store, monkeypatch):
+    root, params, manifest, checkpoint, raw = device_store
+    seen = []  # the dump's uint8 crops, one (n, 3, 16, 16) batch per shard and view
+    real_normalize = pipeline.dump.normalize
+    monkeypatch.setattr(pipeline.dump, "normalize",
+                        lambda crops: seen.append(crops.clone()) or real_normalize(crops))
+    store_path = root / "teacher.zarr"
+    dump_logits(params, "teacher", str(root / "shards"), str(checkpoint), str(store_path))
+    store = open_store(str(store_path))
+    assert store.attributes["decode"] == DEVICE_DECODE
+    shards = split_shards(str(root / "shards"), manifest, "train")
+    dumped = {(view, row): crop for index, shard in enumerate(shards) for view in range(VIEWS)
+              for row, crop in zip(range(shard.start, shard.stop), seen[index * VIEWS + view])}
+    replayed = {}
+    for epoch in range(VIEWS):
+        views = ViewSource(params.seed, epoch, 1, crop_spec(params.augment), store)
+        for batch in train_loader(shards, views, batch_size=8, image_size=SIZE, workers=0,
+                                  decode=DEVICE_DECODE):
+            assert "images" not in batch and len(batch["payloads"]) == len(batch["rows"])
+            pixels = batch_pixels(batch, CPU, SIZE)
+            for row, crop in zip(batch["rows"].tolist(), pixels):
+                replayed[epoch, row] = crop
+    assert replayed.keys() == dumped.keys()
+    for key, crop in dumped.items():
+        assert torch.equal(replayed[key], crop), key
+    # the same views through the CPU path: equal where it decodes at full size, and the
+    # draft scales show the test covers both kinds
+    sizes = [(image.height, image.width) for shard in shards
+             for image in map(SourceImage, read_shard(shard))]
+    scales = {draft_scale(store.read_rows(v, 0, store.rows)["boxes"][row], *sizes[row], SIZE)
+              for v in range(VIEWS) for row in range(store.rows)}
+    assert {1, 2} <= scales
+
+
+def test_a_student_replays_a_store_only_through_its_decode_path(device_store, tmp_path):
+    root, params, manifest, checkpoint, raw = device_store
+    store_path = root / "teacher.zarr"
+    if not store_path.exists():
+        dump_logits(params, "teacher", str(root / "shards"), str(checkpoint), str(store_path))
+    cpu_params = params_from(with_changes(raw, "student", decode="cpu"))
+    with pytest.raises(UserError, match=r"decode path 'torchvision-full-v1'.*"
+                                        r"student.decode: gpu or auto, or rerun dump_logits"):
+        train_student(cpu_params, str(root / "shards"), str(store_path), str(checkpoint),
+                      str(tmp_path / "student"), str(tmp_path / "live"))
+    auto = params_from(with_changes(raw, "student", decode="auto"))
+    metrics = train_student(auto, str(root / "shards"), str(store_path), str(checkpoint),
+                            str(tmp_path / "auto"), str(tmp_path / "auto-live"))
+    assert np.isfinite(metrics["train/loss"])
