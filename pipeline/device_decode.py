@@ -68,6 +68,18 @@ def check_replay_decode(store_path: str, recorded: str, path: str) -> None:
                         f"teacher's pixels: {fix}")
 
 
+def warn_if_decoded_elsewhere(store_path: str, recorded_device: str | None, path: str,
+                              device: torch.device) -> None:
+    """One line when the device path replays, on one kind of device, a store decoded on
+    another: nvJPEG and libjpeg-turbo, and the CUDA and CPU resize kernels, may differ in the
+    last bits of some pixels (benchmarks/gpu_check.py measures how much, and its effect on the
+    teacher's logits against the store's own quantisation)."""
+    if path == DEVICE_DECODE and recorded_device and recorded_device != device.type:
+        print(f"note: {store_path} was decoded on {recorded_device} and this student decodes "
+              f"on {device.type}: some pixels may differ in their last bits from the "
+              "teacher's", flush=True)
+
+
 def worker_payload(image) -> Payload:
     """What a DataLoader worker ships for one `pipeline.stream.SourceImage` on the device path:
     a JPEG's encoded bytes as stored, any other image decoded to (3, H, W) uint8."""
@@ -77,29 +89,63 @@ def worker_payload(image) -> Payload:
 def decode_on_device(payloads: Sequence[Payload], device: torch.device,
                      rows: Sequence[int] | None = None) -> list[torch.Tensor]:
     """Each payload as a (3, H, W) uint8 RGB image on `device`: the JPEGs in one batched
-    `decode_jpeg` call (nvJPEG on CUDA), the others moved there. A JPEG that does not decode
-    raises UserError naming the `rows` of the batch."""
-    images: list[torch.Tensor | None] = [None] * len(payloads)
-    jpegs = [i for i, payload in enumerate(payloads) if not isinstance(payload, torch.Tensor)]
+    `decode_jpeg` call (nvJPEG on CUDA), the others moved there. A payload repeated in the
+    list (the m views of one image, `student.views_per_decode`) is decoded once. A JPEG that
+    does not decode raises UserError naming the `rows` of the batch."""
+    first = {}  # id -> the payload's first position: repeats share one decode
+    for i, payload in enumerate(payloads):
+        first.setdefault(id(payload), i)
+    images: dict[int, torch.Tensor] = {}
+    jpegs = [i for i in first.values() if not isinstance(payloads[i], torch.Tensor)]
     if jpegs:
         # bytearray: decode_jpeg takes a CPU uint8 tensor, which torch.frombuffer may only
         # build over a writable buffer; the copy is a memcpy per image.
         encoded = [torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in jpegs]
         try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*deprecated.*")
-                decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+            decoded = _decode_jpegs(encoded, device)
         except RuntimeError as error:
             where = f"rows {list(rows)}" if rows is not None else "this batch"
             raise UserError(f"a JPEG of {where} cannot be decoded on {device} ({error}); "
                             "set student.decode: cpu to find its shard, or rerun "
                             "prepare") from None
-        for i, image in zip(jpegs, decoded):
-            images[i] = image
-    for i, payload in enumerate(payloads):
-        if images[i] is None:
-            images[i] = payload.to(device, non_blocking=True)
-    return images
+        images.update(zip(jpegs, decoded))
+    for i in first.values():
+        if i not in images:
+            images[i] = payloads[i].to(device, non_blocking=True)
+    return [images[first[id(payload)]] for payload in payloads]
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """torchvision's batched decode_jpeg, made safe for the caller's stream on CUDA.
+
+    On CUDA, torchvision allocates the outputs on the current stream but lets nvJPEG write
+    them from a private stream that does not wait for the current stream's queued kernels
+    (pytorch/vision#9606; torchcodec fixed its copy in meta-pytorch/torchcodec#1634): the
+    caching allocator may hand it a block the previous training step has freed but not yet
+    finished reading, and the step then reads decoded pixels. So the outputs are allocated on
+    a side stream with no queued work (its memory pool is its own), the training stream waits
+    for it, and `record_stream` keeps each output's block from reuse until the training
+    stream is done with it. torchvision returns only after its private stream has finished.
+    """
+    with warnings.catch_warnings():  # deprecated in favour of TorchCodec (module docstring)
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        if device.type != "cuda":
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in _SIDE_STREAMS:
+            _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+        side = _SIDE_STREAMS[device]
+        with torch.cuda.stream(side):
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    training = torch.cuda.current_stream(device)
+    training.wait_stream(side)
+    for image in decoded:
+        image.record_stream(training)
+    return decoded
 
 
 def device_views(payloads: Sequence[Payload], boxes: torch.Tensor, flips: torch.Tensor,

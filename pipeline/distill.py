@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.augment import DECODE, CropSpec
 from pipeline.checkpoints import load_model
-from pipeline.device_decode import check_replay_decode, decode_path
+from pipeline.device_decode import check_replay_decode, decode_path, warn_if_decoded_elsewhere
 from pipeline.errors import UserError
 from pipeline.losses import DistillationObjective, PreviousEpochPrior, distillation_objective
 from pipeline.models import build_model, load_weights
@@ -89,6 +89,8 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
         recorded = store.attributes.get("decode", DECODE)
         decode = decode_path(settings.decode, device, recorded)
         check_replay_decode(store.path, recorded, decode)
+        warn_if_decoded_elsewhere(store.path, store.attributes.get("decode_device"), decode,
+                                  device)
         prior = store.class_prior(settings.ikl.weight_temperature) if store_prior else None
         targets = CachedTeacher(manifest["num_classes"], prior, device, store.tail_basis)
         teacher_identity = {key: store.attributes.get(key) for key in STORE_IDENTITY}

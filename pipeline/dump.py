@@ -11,7 +11,7 @@ partial one. The store is marked complete only after every shard and the priors 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import fsspec
 import numpy as np
@@ -61,6 +61,7 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
                         f"{trained_size} px the teacher {teacher_name!r} was trained at "
                         f"({checkpoint}); set logits.image_size: {trained_size}")
     teacher = teacher.to(ranks.device)
+    decode = decode_path(params.student.decode, ranks.device)
     attributes = {
         "teacher_name": teacher_name, "teacher_arch": state["arch"],
         "teacher_sha256": file_sha256(checkpoint), "teacher_image_size": settings.image_size,
@@ -73,8 +74,10 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
         "max_image_side": manifest["splits"]["train"]["max_image_side"],
         # how views become pixels (pipeline/device_decode.py): the student's, so its replay is
         # the teacher's pixels; part of the identity, a change re-dumps
-        "decode": decode_path(params.student.decode, ranks.device),
+        "decode": decode,
     }
+    if decode == DEVICE_DECODE:  # its pixels may differ in the last bits from device to device
+        attributes["decode_device"] = ranks.device.type
     shape = dict(rows=manifest["splits"]["train"]["rows"], views=settings.views,
                  topk=settings.topk, num_classes=num_classes,
                  shard_rows=shards[0].stop - shards[0].start, tail=settings.tail)
@@ -268,13 +271,37 @@ def _decoded_on_device(images: list[SourceImage], decode: str, device) -> list |
     return decode_on_device([worker_payload(image) for image in images], device)
 
 
+@contextmanager
+def _ieee_float32():
+    """float32 convolutions and matrix products in full float32 on CUDA: cuDNN's default for
+    float32 convolutions is TF32 (10 mantissa bits, fewer than the store's float16), which
+    would put the same error in the logsumexp and priors that bf16 would."""
+    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
+    if conv is None or not hasattr(conv, "fp32_precision"):  # torch < 2.9: the legacy flags
+        conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+        saved = conv.allow_tf32, matmul.allow_tf32
+        conv.allow_tf32 = matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            conv.allow_tf32, matmul.allow_tf32 = saved
+        return
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+
+
 @torch.no_grad()
+@_ieee_float32()
 def _teacher_logits(teacher, images, boxes, flips, settings, device,
                     decoded: list | None = None) -> torch.Tensor:
     """(n, C) float32 logits of one view of every image, in batches: cut from the images
     `decoded` on the device (device path), else by each SourceImage (CPU path).
 
-    Computed in float32, without bf16 autocast: bf16 logits keep 8 significant bits, fewer
+    Computed in float32 (TF32 off), without bf16 autocast: bf16 logits keep 8 significant bits, fewer
     than the store's float16 (11), and the logsumexp and class priors, which the contract
     says are exact, would inherit that error. The dump runs once per teacher; its cost is V
     forward passes over the train split.

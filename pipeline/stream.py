@@ -4,7 +4,8 @@ Training chain (one epoch): shard list -> seeded shard shuffle -> this rank's ro
 share of the epoch's shuffled row order, set explicitly) -> split by DataLoader worker -> tar
 samples (opened through fsspec: local paths or URLs) -> attach each sample's crop (and, for a
 student, its cached teacher logits, read once per shard) -> shuffle buffer -> decode once ->
-m crops -> small chunks in the workers -> exact batches in the main process. The logits ride
+m crops (or, on the device decode path, m views still encoded) -> small chunks in the
+workers -> exact batches in the main process. The logits ride
 along with their own sample through the shuffle, so pairing cannot drift; a store row whose
 label differs from the shard's stops the run.
 
@@ -14,8 +15,11 @@ DDP needs; with one process every row is seen exactly once. `batch_size` here is
 batch (the caller divides the global batch by the world size); with `drop_last` each rank
 drops its short last batch, as the official loader (DistributedSampler + drop_last=True).
 
-A batch is a dict of tensors: `images` (B, 3, S, S) uint8, `labels` (B,) int64, `rows` (B,)
-int64, and for a student the store's fields of its teacher logits (pipeline.store.LOGIT_FIELDS):
+A batch is a dict of tensors: `images` (B, 3, S, S) uint8 (on the device decode path instead
+`payloads`, a list of B encoded JPEGs or decoded other images, `boxes` (B, 4) float32 and
+`flips` (B,) bool, turned into images on the training device by
+pipeline.device_decode.batch_pixels), `labels` (B,) int64, `rows` (B,) int64, and for a
+student the store's fields of its teacher logits (pipeline.store.LOGIT_FIELDS):
 `topk_log_probs` (B, k) float16, `topk_classes` (B, k) int64, `logsumexp` (B,) float32 and, with
 a quantised tail, `tail_codes` (B, C) uint8 and `tail_floor` (B,) float16; the trainer decodes
 them into (B, C) logits on its device (pipeline.distill.CachedTeacher).

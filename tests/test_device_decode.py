@@ -11,7 +11,8 @@ from PIL import Image
 import pipeline.dump
 from helpers_stage_one import CLASS_IMAGES, params_from, toy_raw_params, with_changes
 from pipeline.augment import DECODE, apply_view, draft_scale, draw_views
-from pipeline.device_decode import (DEVICE_DECODE, batch_pixels, decode_path, device_views,
+from pipeline.device_decode import (DEVICE_DECODE, batch_pixels, decode_on_device,
+                                    decode_path, device_views, warn_if_decoded_elsewhere,
                                     worker_payload)
 from pipeline.distill import crop_spec, train_student
 from pipeline.dump import dump_logits
@@ -91,6 +92,29 @@ def test_a_batch_is_decoded_where_it_trains():
     assert batch_pixels(cut, CPU, SIZE) is pixels
 
 
+def test_the_views_of_one_image_share_one_decode(monkeypatch):
+    """m views of a row (student.views_per_decode) carry one payload object: one decode."""
+    import pipeline.device_decode as device_decode
+
+    calls = []
+    real = device_decode._decode_jpegs
+    monkeypatch.setattr(device_decode, "_decode_jpegs",
+                        lambda encoded, device: calls.append(len(encoded)) or real(encoded, device))
+    first = jpeg_sample(textured(40, 60, seed=1))["jpg"]
+    second = jpeg_sample(textured(40, 60, seed=2))["jpg"]
+    images = decode_on_device([first, first, second, first], CPU)
+    assert calls == [2]
+    assert images[0] is images[1] is images[3] and not torch.equal(images[0], images[2])
+
+
+def test_a_store_decoded_on_another_kind_of_device_is_named(capsys):
+    warn_if_decoded_elsewhere("s.zarr", "cuda", DEVICE_DECODE, CPU)
+    assert "s.zarr was decoded on cuda and this student decodes on cpu" in capsys.readouterr().out
+    warn_if_decoded_elsewhere("s.zarr", "cpu", DEVICE_DECODE, CPU)
+    warn_if_decoded_elsewhere("s.zarr", None, DECODE, CPU)  # the CPU path: no device recorded
+    assert capsys.readouterr().out == ""
+
+
 def test_a_jpeg_that_does_not_decode_names_the_rows():
     data = jpeg_sample(textured(40, 60, seed=1))["jpg"]
     with pytest.raises(UserError, match=r"rows \[7\].*student.decode: cpu"):
@@ -133,6 +157,7 @@ def test_dump_and_replay_on_the_device_path_see_the_same_pixels(device_store, mo
     dump_logits(params, "teacher", str(root / "shards"), str(checkpoint), str(store_path))
     store = open_store(str(store_path))
     assert store.attributes["decode"] == DEVICE_DECODE
+    assert store.attributes["decode_device"] == "cpu"
     shards = split_shards(str(root / "shards"), manifest, "train")
     dumped = {(view, row): crop for index, shard in enumerate(shards) for view in range(VIEWS)
               for row, crop in zip(range(shard.start, shard.stop), seen[index * VIEWS + view])}
