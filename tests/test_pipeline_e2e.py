@@ -32,7 +32,7 @@ TINY_PARAMS = {
     # k < C with the quantised tail, as params.yaml: the IKL student needs every class's logit
     "logits": {"views": 2, "topk": 5, "tail": "quantized", "image_size": 16, "batch_size": 64,
                "prior_temperatures": [1.0, 100.0]},
-    "student": {**TRAIN, "teacher": "teacher", "loss": "ikl"},
+    "student": {**TRAIN, "teacher": "teacher", "loss": "ikl", "decode": "auto"},
     # every key a stage lists in dvc.yaml must be in the params file (DVC refuses otherwise)
     "evaluate": {"batch_size": 256, "every_epoch_on_test": False},
 }

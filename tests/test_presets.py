@@ -114,3 +114,28 @@ def test_presets_prints_a_row_for_every_official_script():
             described[0])
         assert lines[lines.index(described[0]) + 1] == exp_run_command(name)
     assert "-S student.ikl.prior=previous_epoch" in result.output
+
+
+def test_every_params_file_has_every_key_a_stage_lists():
+    """DVC refuses to run a stage whose listed param is missing from params.yaml, so every
+    preset (applied by copying it over params.yaml) and params.yaml itself must hold each key
+    dvc.yaml lists (`teachers.${key}`: each of the file's own teachers)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    listed = {key for stage in stages.values() for key in stage.get("do", stage).get("params", [])}
+    assert "student.decode" in listed  # the dump decodes the way its student will
+    files = sorted((root / "pipeline" / "presets").glob("*.yaml")) + [root / "params.yaml"]
+    for path in files:
+        params = yaml.safe_load(path.read_text())
+        keys = {key.replace("${key}", name) for key in listed for name in params["teachers"]}
+        missing = []
+        for key in sorted(keys):
+            node = params
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    missing.append(key)
+                    break
+                node = node[part]
+        assert not missing, f"{path.name} lacks {missing}"
