@@ -5,9 +5,9 @@ share of the epoch's shuffled row order, set explicitly) -> split by DataLoader 
 samples (opened through fsspec: local paths or URLs) -> attach each sample's crop (and, for a
 student, its cached teacher logits, read once per shard) -> shuffle buffer -> decode once ->
 m crops (or, on the device decode path, m views still encoded) -> small chunks in the
-workers -> exact batches in the main process. The logits ride
-along with their own sample through the shuffle, so pairing cannot drift; a store row whose
-label differs from the shard's stops the run.
+workers -> exact batches in the main process. The logits ride along with their own sample
+through the shuffle, so pairing cannot drift; a store row whose label differs from the
+shard's stops the run.
 
 Every rank gets ceil(N / world_size) rows per epoch (the last ranks wrap around to the start
 of the epoch's order, as DistributedSampler pads) and so the same number of batches, which
