@@ -56,15 +56,29 @@ def decode_path(setting: str, device: torch.device, recorded: str | None = None)
     return DEVICE_DECODE if device.type == "cuda" else DECODE
 
 
+SETTING_OF_PATH = {DECODE: "cpu", DEVICE_DECODE: "gpu"}
+
+
+def describe_decode(path: str | None) -> str:
+    """A decode path as its setting and name, e.g. "gpu (torchvision-full-v1)"."""
+    if path is None:
+        return f"cpu ({DECODE}; recorded before decode paths were)"
+    setting = SETTING_OF_PATH.get(path)
+    return f"{setting} ({path})" if setting else repr(path)
+
+
 def check_replay_decode(store_path: str, recorded: str, path: str) -> None:
-    """Refuse to replay a store dumped with decode path `recorded` through another `path`: the
-    views would not be the teacher's pixels (drafted JPEG views differ by up to a few levels)."""
+    """Refuse to replay a store dumped with decode path `recorded` through another `path`:
+    drafted JPEG views, and the GPU's decoder and resize, can give other pixels than the
+    teacher saw. (A PNG-only data set gives the same pixels either way on a CPU; the check
+    does not look, so that one rule holds for every data set.)"""
     if recorded != path:
-        setting = {DECODE: "cpu", DEVICE_DECODE: "gpu"}.get(recorded)
-        fix = (f"set student.decode: {setting} or auto, or rerun dump_logits" if setting
-               else "rerun dump_logits")
-        raise UserError(f"logit store {store_path} was dumped with decode path {recorded!r}; "
-                        f"this student decodes with {path!r}, so its views would not be the "
+        setting = SETTING_OF_PATH.get(recorded)
+        fix = (f"set student.decode: {setting} (or auto, which follows the store), or rerun "
+               "dump_logits" if setting else "rerun dump_logits")
+        raise UserError(f"logit store {store_path} was dumped with student.decode "
+                        f"{describe_decode(recorded)} but this student decodes with "
+                        f"{describe_decode(path)}, so its views could differ from the "
                         f"teacher's pixels: {fix}")
 
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from pipeline.augment import DECODE, CropSpec
 from pipeline.checkpoints import load_model
-from pipeline.device_decode import check_replay_decode, decode_path, warn_if_decoded_elsewhere
+from pipeline.device_decode import (check_replay_decode, decode_path, describe_decode,
+                                    warn_if_decoded_elsewhere)
 from pipeline.errors import UserError
 from pipeline.losses import DistillationObjective, PreviousEpochPrior, distillation_objective
 from pipeline.models import build_model, load_weights
@@ -94,6 +95,9 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
         prior = store.class_prior(settings.ikl.weight_temperature) if store_prior else None
         targets = CachedTeacher(manifest["num_classes"], prior, device, store.tail_basis)
         teacher_identity = {key: store.attributes.get(key) for key in STORE_IDENTITY}
+    if distributed().is_main:
+        print(f"student: decode {describe_decode(decode)} on {device.type} (student.decode: "
+              f"{settings.decode})", flush=True)
     class_prior = (PreviousEpochPrior(manifest["num_classes"], device=device,
                                       weight_temperature=settings.ikl.weight_temperature)
                    if previous_epoch else None)

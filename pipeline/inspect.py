@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.shards import verify_shards
+from pipeline.device_decode import describe_decode
 from pipeline.store import MARKERS, LogitStore, open_store, verify_store
 
 PERCENTILES = (1, 10, 50, 90)
@@ -67,6 +68,7 @@ def store_summary(store: LogitStore) -> dict:
         "teacher_arch": attrs.get("teacher_arch"), "teacher_sha256": attrs.get("teacher_sha256"),
         "fingerprint": attrs.get("fingerprint"), "seed": attrs.get("seed"),
         "format_version": attrs.get("format_version"),
+        "decode": attrs.get("decode"), "decode_device": attrs.get("decode_device"),
         "views": store.views, "rows": store.rows, "topk": store.topk, "tail": store.tail,
         "num_classes": store.num_classes, "shard_rows": store.shard_rows,
         "complete": store.complete, "shards_complete": len(store.completed_shards()),
@@ -160,6 +162,8 @@ def _echo_summary(summary: dict, stats: dict) -> None:
     click.echo(f"  teacher      {s['teacher_name']} ({s['teacher_arch']}), "
                f"sha256 {s['teacher_sha256']}")
     click.echo(f"  fingerprint  {s['fingerprint']}   seed {s['seed']}")
+    device = f" on {s['decode_device']}" if s["decode_device"] else ""
+    click.echo(f"  decode       {describe_decode(s['decode'])}{device}")
     click.echo(f"  V={s['views']} views  N={s['rows']} rows  k={s['topk']}  C={s['num_classes']}  "
                f"tail={s['tail']}  shard_rows={s['shard_rows']}")
     click.echo(f"  complete     {s['complete']}   "

@@ -49,7 +49,7 @@ def between(low: float, high: float) -> Rule:
 
 
 def one_of(*choices: str) -> Rule:
-    return "(one of " + ", ".join(choices) + ")", lambda value: value in choices
+    return "one of " + ", ".join(choices), lambda value: value in choices
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +366,9 @@ def parse(cls: type, raw: Any, key_path: str) -> Any:
         if hint in (bool, int, float, str):
             values[name] = _scalar(hint, value)
             if values[name] is None or (rule and not rule[1](values[name])):
-                wanted = _describe(hint) + (f" {rule[0]}" if rule else "")
+                # a string's rule names its choices; a number's qualifies it (">= 0")
+                wanted = (rule[0] if hint is str else f"{_describe(hint)} {rule[0]}"
+                          ) if rule else _describe(hint)
                 raise ParamsError(f"{child_path}: expected {wanted}, got {value!r}")
         else:
             values[name] = _convert(hint, value, child_path)

@@ -10,7 +10,7 @@ from pipeline.params import load_params
 
 @click.command(context_settings=HELP_OPTIONS)
 @click.option("--params", "params_file", default="params.yaml", show_default=True,
-              help="The params file; reads `seed`, `augment`, `logits`.")
+              help="The params file; reads `seed`, `augment`, `logits`, `student.decode`.")
 @click.option("--name", required=True, help="The teacher: a key of `teachers`.")
 @click.option("--shards", required=True, help="Folder written by prepare.")
 @click.option("--checkpoint", required=True, help="The teacher's checkpoint.pt.")

@@ -188,8 +188,9 @@ def test_a_student_replays_a_store_only_through_its_decode_path(device_store, tm
     if not store_path.exists():
         dump_logits(params, "teacher", str(root / "shards"), str(checkpoint), str(store_path))
     cpu_params = params_from(with_changes(raw, "student", decode="cpu"))
-    with pytest.raises(UserError, match=r"decode path 'torchvision-full-v1'.*"
-                                        r"student.decode: gpu or auto, or rerun dump_logits"):
+    with pytest.raises(UserError, match=r"dumped with student.decode gpu \(torchvision-full-v1\) "
+                                        r"but this student decodes with cpu \(pil-draft-v1\).*"
+                                        r"set student.decode: gpu \(or auto"):
         train_student(cpu_params, str(root / "shards"), str(store_path), str(checkpoint),
                       str(tmp_path / "student"), str(tmp_path / "live"))
     auto = params_from(with_changes(raw, "student", decode="auto"))
