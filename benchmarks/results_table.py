@@ -28,6 +28,7 @@ METRICS = ("top1", "many", "medium", "few")
 ROWS = {  # row name -> the `-S` overrides of params.yaml (the default student is IKL-KD)
     "ce": ["student.loss=ce"],
     "kl": ["student.loss=kl"],
+    "kl-w4": ["student.loss=kl", "student.kl.weight=4.0"],
     "ikl": ["student.loss=ikl"],
     "ikl-gi": ["student.loss=ikl", "student.ikl.weights=class_prior",
                "student.ikl.weight_temperature=1.0", "student.ikl.gamma=0.3",
@@ -35,6 +36,7 @@ ROWS = {  # row name -> the `-S` overrides of params.yaml (the default student i
     "ikl-online": ["student.loss=ikl", "student.online_teacher=true"],
 }
 LABELS = {"ce": "student, CE on the cached views", "kl": "student, KL-KD",
+          "kl-w4": "student, KL-KD at weight 4 (the official X101 -> R18 script's)",
           "ikl": "student, IKL-KD (quantised tail store)",
           "ikl-gi": "student, IKL-KD with GI weights (T2 1, gamma 0.3, normalised)",
           "ikl-online": "student, IKL-KD with the online teacher on the same views"}
@@ -113,7 +115,8 @@ def table(rows: list[str], seeds: list[int]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
+                        help="the table's student rows (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--collect-only", action="store_true",
                         help="tabulate the experiments already run; queue nothing")
