@@ -34,10 +34,11 @@ def make_dump():
         labels=rng.integers(0, CLASSES, ROWS))
 
 
-def build_store(path, shards=(0, 1, 2), finalize=True, fingerprint="fp-abc", tail="none"):
+def build_store(path, shards=(0, 1, 2), finalize=True, fingerprint="fp-abc", tail="none",
+                **extra_attributes):
     attributes = dict(teacher_name="teacher_a", teacher_arch="resnet8", teacher_sha256="ab" * 32,
                       teacher_image_size=32, fingerprint=fingerprint, class_names=CLASS_NAMES,
-                      augmentation={"scale": [0.08, 1.0]}, seed=7)
+                      augmentation={"scale": [0.08, 1.0]}, seed=7, **extra_attributes)
     group = create_store(str(path), rows=ROWS, views=VIEWS, topk=TOPK, num_classes=CLASSES,
                          shard_rows=SHARD_ROWS, attributes=attributes, tail=tail)
     dump = make_dump()
@@ -83,12 +84,21 @@ def test_coverage_stats_match_numpy(store_path):
     assert stats["mean"] == pytest.approx(mass.mean())
 
 
+def test_summary_names_the_decode_path_and_device(tmp_path):
+    path, _ = build_store(tmp_path / "gpu.zarr", decode="torchvision-full-v1",
+                          decode_device="cuda")
+    result = invoke(path)
+    assert result.exit_code == 0, result.output
+    assert "decode       gpu (torchvision-full-v1) on cuda" in result.output
+
+
 def test_summary_prints_shapes_identity_sizes_and_coverage(store_path):
     result = invoke(store_path)
     assert result.exit_code == 0, result.output
     out = result.output
     for text in ["V=2 views", "N=25 rows", "k=3", "C=4", "tail=none", "shard_rows=10",
                  "teacher_a (resnet8)", "ab" * 32, "fp-abc", "(format 3)", "complete     True",
+                 "decode       cpu (pil-draft-v1; recorded before decode paths were)",
                  "shards complete 3/3",
                  "topk_codes      (2, 25, 3)", "uint16", "uint8", "float32",
                  "topk_classes    (2, 25, 3)", "logsumexp       (2, 25)",
