@@ -2,42 +2,20 @@
 the student's replay see the same pixels for every view, bit for bit; a drafted view is the
 same view (its box mapped exactly), only decoded at a DCT scale."""
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import pipeline.dump
-from helpers_stage_one import CLASS_IMAGES, params_from, toy_raw_params, with_changes
+from helpers_jpeg import (SIZE, dump_and_replay, jpeg_layout, jpeg_sample, textured,
+                          train_image_sizes)
 from pipeline.augment import (DECODE, apply_view, apply_view_drafted, draft_scale,
                               draw_views, pixel_box)
 from pipeline.device_decode import check_replay_decode
-from pipeline.distill import crop_spec
-from pipeline.dump import dump_logits
 from pipeline.errors import UserError
-from pipeline.models import build_model
-from pipeline.shards import prepare_shards
 from pipeline.store import open_store
-from pipeline.stream import SourceImage, ViewSource, split_shards, train_loader
+from pipeline.stream import SourceImage
 
-SIZE, VIEWS = 16, 4
-
-
-def textured(height: int, width: int, seed: int) -> np.ndarray:
-    """(H, W, 3) uint8: ramps and waves of a few px period, so a misplaced box shows."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:height, :width].astype(np.float32)
-    waves = [96 + 60 * np.sin(x / rng.uniform(3, 9) + y / rng.uniform(4, 12) + c)
-             + 0.3 * (x + y) % 64 for c in range(3)]
-    return np.clip(np.stack(waves, axis=-1), 0, 255).astype(np.uint8)
-
-
-def jpeg_sample(pixels: np.ndarray) -> dict:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-    return {"jpg": buffer.getvalue(), "__key__": "x", "__url__": "memory://x"}
+VIEWS = 4
 
 
 def test_draft_scale_keeps_at_least_the_output_size_on_both_sides():
@@ -89,63 +67,21 @@ def jpeg_data(tmp_path_factory):
     """The toy stage-one layout with textured JPEGs of 20..160 px: most views drafted at 1/2,
     1/4 or 1/8 for 16 px crops, some not."""
     root = tmp_path_factory.mktemp("jpegs")
-    rng = np.random.default_rng(0)
-    for name, count in CLASS_IMAGES.items():
-        (root / "images" / name).mkdir(parents=True)
-        for index in range(count):
-            height, width = (int(v) for v in rng.integers(20, 161, 2))
-            Image.fromarray(textured(height, width, seed=index)).save(
-                root / "images" / name / f"{index:02d}.jpg", quality=90)
-    raw = with_changes(toy_raw_params(root / "images"), "logits", views=VIEWS, tail="none",
-                       batch_size=64)
-    params = params_from(raw)
-    manifest = prepare_shards(params.data, params.seed, root / "shards")
-    torch.manual_seed(0)
-    model = build_model("resnet8", manifest["num_classes"])
-    checkpoint = root / "teacher.pt"
-    torch.save({"model": model.state_dict(), "arch": "resnet8", "small_input": False,
-                "num_classes": manifest["num_classes"], "epoch": 0,
-                "params": {"train": {"image_size": SIZE}}}, checkpoint)
+    params, manifest, checkpoint, _ = jpeg_layout(root, seed=0, max_side=160, views=VIEWS)
     return root, params, manifest, checkpoint
 
 
 def test_dump_and_replay_see_the_same_pixels_for_every_view(jpeg_data, monkeypatch):
     root, params, manifest, checkpoint = jpeg_data
-    seen = []  # the dump's uint8 crops, one (n, 3, 16, 16) batch per shard and view
-    real_normalize = pipeline.dump.normalize
-    monkeypatch.setattr(pipeline.dump, "normalize",
-                        lambda crops: seen.append(crops.clone()) or real_normalize(crops))
-    store_path = root / "teacher.zarr"
-    dump_logits(params, "teacher", str(root / "shards"), str(checkpoint), str(store_path))
-    shards = split_shards(str(root / "shards"), manifest, "train")
-    assert len(seen) == len(shards) * VIEWS
-    dumped = {}  # (view, row) -> crop
-    for index, shard in enumerate(shards):
-        for view in range(VIEWS):
-            for row, crop in zip(range(shard.start, shard.stop), seen[index * VIEWS + view]):
-                dumped[view, row] = crop
-    store = open_store(str(store_path))
+    store, dumped, replayed = dump_and_replay(root, params, manifest, checkpoint, monkeypatch)
     assert store.attributes["decode"] == DECODE
-    replayed = {}
-    for epoch in range(VIEWS):  # epoch e replays view e
-        views = ViewSource(params.seed, epoch, 1, crop_spec(params.augment), store)
-        for batch in train_loader(shards, views, batch_size=8, image_size=SIZE, workers=0):
-            for row, crop in zip(batch["rows"].tolist(), batch["images"]):
-                replayed[epoch, row] = crop
     assert replayed.keys() == dumped.keys()
     for key, crop in dumped.items():
         assert torch.equal(replayed[key], crop), key
-    scales = [draft_scale(store.read_rows(v, 0, store.rows)["boxes"][row], *sizes)
-              for v in range(VIEWS) for row, sizes in enumerate(_sizes(root, shards))]
+    scales = [draft_scale(store.read_rows(v, 0, store.rows)["boxes"][row], *sizes, SIZE)
+              for v in range(VIEWS)
+              for row, sizes in enumerate(train_image_sizes(root, manifest))]
     assert {1, 2, 4} <= set(scales)  # the test covers full and drafted decodes
-
-
-def _sizes(root, shards):
-    """(height, width, SIZE) of every train row, in row order."""
-    from pipeline.stream import read_shard
-
-    return [(image.height, image.width, SIZE) for shard in shards
-            for image in map(SourceImage, read_shard(shard))]
 
 
 def test_a_store_dumped_with_another_decode_is_refused(jpeg_data):

@@ -3,33 +3,30 @@ same tensor code a GPU runs, with libjpeg-turbo where a GPU has nvJPEG. It cuts 
 and flips as the CPU path (bit for bit wherever the CPU path decodes at full size), the dump
 and the replay see the same pixels, and a store is replayed only through its own path."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import pipeline.dump
-from helpers_stage_one import CLASS_IMAGES, params_from, toy_raw_params, with_changes
+from helpers_jpeg import (SIZE, dump_and_replay, jpeg_layout, jpeg_sample, textured,
+                          train_image_sizes)
+from helpers_stage_one import params_from, with_changes
 from pipeline.augment import DECODE, apply_view, draft_scale, draw_views
 from pipeline.device_decode import (DEVICE_DECODE, batch_pixels, decode_on_device,
                                     decode_path, device_views, warn_if_decoded_elsewhere,
                                     worker_payload)
-from pipeline.distill import crop_spec, train_student
+from pipeline.distill import train_student
 from pipeline.dump import dump_logits
 from pipeline.errors import UserError
-from pipeline.models import build_model
-from pipeline.shards import prepare_shards
-from pipeline.store import open_store
-from pipeline.stream import SourceImage, ViewSource, read_shard, split_shards, train_loader
-from test_decode import jpeg_sample, textured
+from pipeline.stream import SourceImage
 
-SIZE, VIEWS = 16, 3
+VIEWS = 3
 CPU = torch.device("cpu")
 
 
 def png_sample(pixels: np.ndarray) -> dict:
-    import io
-
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return {"png": buffer.getvalue(), "__key__": "x", "__url__": "memory://x"}
@@ -124,66 +121,37 @@ def test_a_jpeg_that_does_not_decode_names_the_rows():
 
 @pytest.fixture(scope="module")
 def device_store(tmp_path_factory):
-    """The toy layout with textured JPEGs, dumped with `student.decode: gpu` (on the CPU)."""
+    """The toy layout with textured JPEGs of 20..120 px, for a KL student decoding on the
+    device (`student.decode: gpu`, here on the CPU)."""
     root = tmp_path_factory.mktemp("device")
-    rng = np.random.default_rng(1)
-    for name, count in CLASS_IMAGES.items():
-        (root / "images" / name).mkdir(parents=True)
-        for index in range(count):
-            height, width = (int(v) for v in rng.integers(20, 121, 2))
-            Image.fromarray(textured(height, width, seed=index)).save(
-                root / "images" / name / f"{index:02d}.jpg", quality=90)
-    raw = with_changes(toy_raw_params(root / "images"), "logits", views=VIEWS, tail="none",
-                       batch_size=64)
-    raw = with_changes(raw, "student", decode="gpu", loss="kl", epochs=1)
-    params = params_from(raw)
-    manifest = prepare_shards(params.data, params.seed, root / "shards")
-    torch.manual_seed(0)
-    model = build_model("resnet8", manifest["num_classes"])
-    checkpoint = root / "teacher.pt"
-    torch.save({"model": model.state_dict(), "arch": "resnet8", "small_input": False,
-                "num_classes": manifest["num_classes"], "epoch": 0,
-                "params": {"train": {"image_size": SIZE}}}, checkpoint)
+    params, manifest, checkpoint, raw = jpeg_layout(root, seed=1, max_side=120, views=VIEWS,
+                                                    decode="gpu", loss="kl", epochs=1)
     return root, params, manifest, checkpoint, raw
 
 
 def test_dump_and_replay_on_the_device_path_see_the_same_pixels(device_store, monkeypatch):
-    root, params, manifest, checkpoint, raw = device_store
-    seen = []  # the dump's uint8 crops, one (n, 3, 16, 16) batch per shard and view
-    real_normalize = pipeline.dump.normalize
-    monkeypatch.setattr(pipeline.dump, "normalize",
-                        lambda crops: seen.append(crops.clone()) or real_normalize(crops))
-    store_path = root / "teacher.zarr"
-    dump_logits(params, "teacher", str(root / "shards"), str(checkpoint), str(store_path))
-    store = open_store(str(store_path))
+    root, params, manifest, checkpoint, _ = device_store
+
+    def ships_encoded_images(batch):
+        assert "images" not in batch and len(batch["payloads"]) == len(batch["rows"])
+
+    store, dumped, replayed = dump_and_replay(root, params, manifest, checkpoint, monkeypatch,
+                                              decode=DEVICE_DECODE,
+                                              check_batch=ships_encoded_images)
     assert store.attributes["decode"] == DEVICE_DECODE
     assert store.attributes["decode_device"] == "cpu"
-    shards = split_shards(str(root / "shards"), manifest, "train")
-    dumped = {(view, row): crop for index, shard in enumerate(shards) for view in range(VIEWS)
-              for row, crop in zip(range(shard.start, shard.stop), seen[index * VIEWS + view])}
-    replayed = {}
-    for epoch in range(VIEWS):
-        views = ViewSource(params.seed, epoch, 1, crop_spec(params.augment), store)
-        for batch in train_loader(shards, views, batch_size=8, image_size=SIZE, workers=0,
-                                  decode=DEVICE_DECODE):
-            assert "images" not in batch and len(batch["payloads"]) == len(batch["rows"])
-            pixels = batch_pixels(batch, CPU, SIZE)
-            for row, crop in zip(batch["rows"].tolist(), pixels):
-                replayed[epoch, row] = crop
     assert replayed.keys() == dumped.keys()
     for key, crop in dumped.items():
         assert torch.equal(replayed[key], crop), key
-    # the same views through the CPU path: equal where it decodes at full size, and the
-    # draft scales show the test covers both kinds
-    sizes = [(image.height, image.width) for shard in shards
-             for image in map(SourceImage, read_shard(shard))]
+    # the draft scales the CPU path would use: the test covers views of both kinds
+    sizes = train_image_sizes(root, manifest)
     scales = {draft_scale(store.read_rows(v, 0, store.rows)["boxes"][row], *sizes[row], SIZE)
               for v in range(VIEWS) for row in range(store.rows)}
     assert {1, 2} <= scales
 
 
 def test_a_student_replays_a_store_only_through_its_decode_path(device_store, tmp_path):
-    root, params, manifest, checkpoint, raw = device_store
+    root, params, _, checkpoint, raw = device_store
     store_path = root / "teacher.zarr"
     if not store_path.exists():
         dump_logits(params, "teacher", str(root / "shards"), str(checkpoint), str(store_path))

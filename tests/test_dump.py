@@ -120,6 +120,19 @@ def assert_bitwise_equal(actual, expected, name):
     assert actual.tobytes() == expected.tobytes(), f"{name} differs"
 
 
+def assert_same_store(path, reference_path, *, attributes: bool = True) -> dict:
+    """The store at `path` holds exactly the reference's arrays, bit for bit (and, with
+    `attributes`, its attributes); returns the reference's arrays (read_everything)."""
+    actual, actual_attrs = read_everything(path)
+    reference, reference_attrs = read_everything(reference_path)
+    if attributes:
+        assert actual_attrs == reference_attrs
+    assert sorted(actual) == sorted(reference)
+    for name, array in reference.items():
+        assert_bitwise_equal(actual[name], array, name)
+    return reference
+
+
 # ---------------------------------------------------------------------------------------------
 # What the store holds
 
@@ -246,13 +259,8 @@ def test_killed_dump_resumes_to_an_identical_store(stage_one_data, teacher_check
     dump_to(stage_one_data, teacher_checkpoint, path)
     assert dumped == [2, 3]  # shards 0 and 1 were complete: not recomputed
 
-    resumed, resumed_attrs = read_everything(path)
-    reference, reference_attrs = read_everything(store_path)
-    assert resumed_attrs == reference_attrs
-    assert sorted(resumed) == sorted(reference)
+    reference = assert_same_store(path, store_path)
     assert len([name for name in reference if name.startswith("class_prior")]) == 2
-    for name, array in reference.items():
-        assert_bitwise_equal(resumed[name], array, name)
     assert PARTIALS_GROUP not in zarr.open_group(str(path), mode="r")
 
 
@@ -270,12 +278,7 @@ def test_a_dump_killed_while_writing_the_tail_basis_resumes_to_an_identical_stor
         dump_to(stage_one_data, teacher_checkpoint, path)
     monkeypatch.setattr(pipeline.dump, "write_tail_basis", real_write_tail_basis)
     dump_to(stage_one_data, teacher_checkpoint, path)
-    resumed, resumed_attrs = read_everything(path)
-    reference, reference_attrs = read_everything(store_path)
-    assert resumed_attrs == reference_attrs
-    assert sorted(resumed) == sorted(reference)
-    for name, array in reference.items():
-        assert_bitwise_equal(resumed[name], array, name)
+    assert_same_store(path, store_path)
 
 
 def test_rerun_with_other_prior_temperatures_gives_exact_priors(stage_one_data,
@@ -327,11 +330,7 @@ def test_ranks_writing_disjoint_shards_give_the_same_store(stage_one_data, teach
                     str(teacher_checkpoint), str(path))
         group = zarr.open_group(str(path), mode="r")
         assert group.attrs["complete"] == (rank == 0)  # rank 0 finishes, after all ranks
-    resumed, resumed_attrs = read_everything(path)
-    reference, reference_attrs = read_everything(store_path)
-    assert resumed_attrs == reference_attrs
-    for name, array in reference.items():
-        assert_bitwise_equal(resumed[name], array, name)
+    assert_same_store(path, store_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,10 +479,7 @@ def test_dump_stage_cli_and_inspect(stage_one_data, teacher_checkpoint, store_pa
     result = runner.invoke(dump_main, args + ["--name", "teacher"])
     assert result.exit_code == 0, result.output
     assert f"{out}: complete" in result.output
-    cli_store, _ = read_everything(out)
-    reference, _ = read_everything(store_path)
-    for name, array in reference.items():
-        assert_bitwise_equal(cli_store[name], array, name)
+    assert_same_store(out, store_path, attributes=False)
 
     result = runner.invoke(cli, ["inspect", str(out)])
     assert result.exit_code == 0, result.output
@@ -596,11 +592,7 @@ def test_rerun_with_other_params_builds_a_replacement_and_swaps_it_in(
     # the same store, bit for bit, as a dump of these params from scratch
     monkeypatch.undo()  # the real dump again, unobserved
     direct = dump_to(data, teacher_checkpoint, tmp_path / "direct.zarr", params=params)
-    swapped, swapped_attrs = read_everything(path)
-    reference, reference_attrs = read_everything(direct)
-    assert swapped_attrs == reference_attrs
-    for name, array in reference.items():
-        assert_bitwise_equal(swapped[name], array, name)
+    assert_same_store(path, direct)
 
 
 def test_a_dump_killed_before_swapping_in_its_finished_replacement_completes_on_rerun(
@@ -772,12 +764,7 @@ def test_a_dump_killed_at_seeded_random_writes_resumes_to_an_identical_store(
     assert killed and killed[0] < total  # at least the first run died mid-dump
     writes.update(count=0, kill_at=None)
     dump_to(stage_one_data, teacher_checkpoint, path)
-    faulted, faulted_attrs = read_everything(path)
-    reference, reference_attrs = read_everything(store_path)
-    assert faulted_attrs == reference_attrs
-    assert sorted(faulted) == sorted(reference)
-    for name, array in reference.items():
-        assert_bitwise_equal(faulted[name], array, name)
+    assert_same_store(path, store_path)
 
 
 def test_a_rerun_rebuilds_a_complete_store_that_lost_a_chunk(stage_one_data, teacher_checkpoint,
@@ -789,8 +776,4 @@ def test_a_rerun_rebuilds_a_complete_store_that_lost_a_chunk(stage_one_data, tea
     chunk.unlink()
     dump_to(stage_one_data, teacher_checkpoint, path)
     assert verify_store(str(path)) == []
-    rebuilt, rebuilt_attrs = read_everything(path)
-    reference, reference_attrs = read_everything(store_path)
-    assert rebuilt_attrs == reference_attrs
-    for name, array in reference.items():
-        assert_bitwise_equal(rebuilt[name], array, name)
+    assert_same_store(path, store_path)
