@@ -212,12 +212,10 @@ def samples_in(batch) -> int:
 def decode_bound_child(folder: Path, epochs: int) -> dict:
     """Samples per second of the stream's own decode + crop + resize stage (view 0 of every
     train image, bytes already in memory) in this one process, per pass over the data."""
-    import numpy as np
-
     from pipeline.augment import draw_views
     from pipeline.distill import crop_spec
     from pipeline.shards import load_manifest
-    from pipeline.stream import SourceImage, _decode_and_crop, read_shard, split_shards
+    from pipeline.stream import SourceImage, _training_samples, read_shard, split_shards
 
     saved = json.loads((folder / "params.json").read_text())
     params = make_params(saved["raw"])
@@ -229,7 +227,7 @@ def decode_bound_child(folder: Path, epochs: int) -> dict:
                               widths, spec=crop_spec(params.augment))
     for i, sample in enumerate(samples):
         sample["views"] = [{"box": boxes[0, i], "flip": flips[0, i]}]
-    stage = _decode_and_crop(params.student.image_size)
+    stage = _training_samples(params.student.image_size)
     rates, cpu = [], []
     for _ in range(epochs):
         start, cpu_start = time.perf_counter(), process_cpu()

@@ -71,7 +71,6 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
     objective = student_objective(settings)
     device = distributed().device
     store, targets = None, None
-    decode = decode_path(settings.decode, device)  # without a store: gpu on CUDA, else cpu
     # GI prior: the store's (exact, from the first step) or the previous epoch's (official).
     previous_epoch = objective.needs_class_prior and settings.ikl.prior == "previous_epoch"
     store_prior = objective.needs_class_prior and not previous_epoch
@@ -85,16 +84,10 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
         store = open_store(store_path, fingerprint=manifest["fingerprint"], seed=params.seed,
                            teacher_sha256=file_sha256(teacher_checkpoint))
         check_store_serves(store, settings)
-        # Stores from before the decode path was recorded decoded every view at full size
-        # with Pillow, which the CPU path does for them too (no drafted crop at those sizes).
-        recorded = store.attributes.get("decode", DECODE)
-        decode = decode_path(settings.decode, device, recorded)
-        check_replay_decode(store.path, recorded, decode)
-        warn_if_decoded_elsewhere(store.path, store.attributes.get("decode_device"), decode,
-                                  device)
         prior = store.class_prior(settings.ikl.weight_temperature) if store_prior else None
         targets = CachedTeacher(manifest["num_classes"], prior, device, store.tail_basis)
         teacher_identity = {key: store.attributes.get(key) for key in STORE_IDENTITY}
+    decode = student_decode_path(settings, device, store)
     if distributed().is_main:
         print(f"student: decode {describe_decode(decode)} on {device.type} (student.decode: "
               f"{settings.decode})", flush=True)
@@ -119,6 +112,22 @@ def check_store_serves(store: LogitStore, settings: StudentParams) -> None:
             "logits (tail: none), but IKL's weighted MSE needs every class's logit; set "
             "logits.tail: quantized and rerun dump_logits (dvc repro), or set "
             "student.ikl.approximate_tail: true to train on the evenly filled tail anyway")
+
+
+def student_decode_path(settings: StudentParams, device: torch.device,
+                        store: LogitStore | None) -> str:
+    """The student's decode path: `student.decode` resolved on `device`, following the store
+    it replays, if any; a store dumped through another path is refused (UserError), and one
+    decoded on another kind of device is named in one line."""
+    if store is None:
+        return decode_path(settings.decode, device)
+    # Stores from before the decode path was recorded decoded every view at full size with
+    # Pillow, which the CPU path does for them too (no drafted crop at those sizes).
+    recorded = store.attributes.get("decode", DECODE)
+    path = decode_path(settings.decode, device, recorded)
+    check_replay_decode(store.path, recorded, path)
+    warn_if_decoded_elsewhere(store.path, store.attributes.get("decode_device"), path, device)
+    return path
 
 
 def student_objective(settings: StudentParams) -> DistillationObjective:

@@ -139,7 +139,7 @@ def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
         attach_views(views),
         wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 4, seed=int(
             np.random.SeedSequence([views.order_seed, views.epoch, rank]).generate_state(1)[0])),
-        _decode_and_crop(image_size) if decode == DECODE else _views_to_decode_on_device,
+        _training_samples(image_size, decode),
         wds.batched(min(batch_size, WORKER_CHUNK), collation_fn=_collate, partial=True),
     )
     steps = epoch_steps(sum(s.stop - s.start for s in shards), views.views_per_decode,
@@ -453,30 +453,24 @@ def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:
     return view
 
 
-def _views_to_decode_on_device(samples):
-    """Stage (device path): one training sample per attached view, carrying the image still
-    encoded (`pipeline.device_decode.worker_payload`) with its view's box and flip."""
-    for sample in samples:
-        image, meta = sample.get("image") or SourceImage(sample), sample["meta"]
-        payload = worker_payload(image)
-        for view in sample["views"]:
-            out = {"payloads": payload, "boxes": torch.as_tensor(view["box"], dtype=torch.float32),
-                   "flips": bool(view["flip"]), "labels": meta["label"], "rows": meta["row"]}
-            out.update({k: v for k, v in view.items() if k not in ("box", "flip")})
-            yield out
-
-
-def _decode_and_crop(image_size: int):
-    """Stage: decode each image once (per draft scale), emit one training sample per
-    attached view."""
+def _training_samples(image_size: int, decode: str = DECODE):
+    """Stage: one training sample per attached view. On the CPU path (DECODE) the view is cut
+    here, each image decoded once per draft scale; on the device path it carries the image
+    still encoded (`pipeline.device_decode.worker_payload`, one object for all its views) with
+    the view's box and flip."""
 
     def stage(samples):
         for sample in samples:
             image, meta = sample.get("image") or SourceImage(sample), sample["meta"]
+            payload = None if decode == DECODE else worker_payload(image)
             for view in sample["views"]:
-                out = {"images": image.crop(view["box"], bool(view["flip"]), image_size),
-                       "labels": meta["label"], "rows": meta["row"]}
-                out.update({k: v for k, v in view.items() if k not in ("box", "flip")})
+                if payload is None:
+                    out = {"images": image.crop(view["box"], bool(view["flip"]), image_size)}
+                else:
+                    out = {"payloads": payload, "flips": bool(view["flip"]),
+                           "boxes": torch.as_tensor(view["box"], dtype=torch.float32)}
+                out.update({k: v for k, v in view.items() if k not in ("box", "flip")},
+                           labels=meta["label"], rows=meta["row"])
                 yield out
 
     return stage
