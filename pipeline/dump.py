@@ -280,22 +280,21 @@ def _ieee_float32():
     """float32 convolutions and matrix products in full float32 on CUDA: cuDNN's default for
     float32 convolutions is TF32 (10 mantissa bits, fewer than the store's float16), which
     would put the same error in the logsumexp and priors that bf16 would."""
-    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
-    if conv is None or not hasattr(conv, "fp32_precision"):  # torch < 2.9: the legacy flags
-        conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-        saved = conv.allow_tf32, matmul.allow_tf32
-        conv.allow_tf32 = matmul.allow_tf32 = False
-        try:
-            yield
-        finally:
-            conv.allow_tf32, matmul.allow_tf32 = saved
-        return
-    saved = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        flags = [(conv, "fp32_precision", "ieee"),
+                 (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
+    else:  # torch < 2.9: the legacy flags
+        flags = [(torch.backends.cudnn, "allow_tf32", False),
+                 (torch.backends.cuda.matmul, "allow_tf32", False)]
+    saved = [getattr(owner, name) for owner, name, _ in flags]
+    for owner, name, value in flags:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = saved
+        for (owner, name, _), value in zip(flags, saved):
+            setattr(owner, name, value)
 
 
 @torch.no_grad()
@@ -305,9 +304,9 @@ def _teacher_logits(teacher, images, boxes, flips, settings, device,
     """(n, C) float32 logits of one view of every image, in batches: cut from the images
     `decoded` on the device (device path), else by each SourceImage (CPU path).
 
-    Computed in float32 (TF32 off), without bf16 autocast: bf16 logits keep 8 significant bits, fewer
-    than the store's float16 (11), and the logsumexp and class priors, which the contract
-    says are exact, would inherit that error. The dump runs once per teacher; its cost is V
+    Computed in float32 (TF32 off), without bf16 autocast: bf16 logits keep 8 significant
+    bits, fewer than the store's float16 (11), and the logsumexp and class priors, which the
+    contract says are exact, would inherit that error. The dump runs once per teacher; its cost is V
     forward passes over the train split.
     """
     chunks = []

@@ -262,8 +262,8 @@ def read_shard(shard: Shard):
 def _read_samples(sources):
     """Stage: the samples of each segment, its tar opened through fsspec (any local path or
     URL fsspec knows: file://, s3://, gs://, memory://, ...) and read by pipeline.tars (about
-    5x cheaper a member than tarfile: benchmarks/decode_steps.py). A shard that cannot be read stops the run naming it
-    (CorruptShardError)."""
+    5x cheaper a member than tarfile: benchmarks/decode_steps.py). A shard that cannot be read
+    stops the run naming it (CorruptShardError)."""
     for source in sources:
         segment, url = source["segment"], source["url"]
         try:

@@ -90,5 +90,6 @@ def test_a_store_dumped_with_another_decode_is_refused(jpeg_data):
     root, _, _, _ = jpeg_data
     store = open_store(str(root / "teacher.zarr"))
     check_replay_decode(store.path, store.attributes["decode"], DECODE)  # its own path: fine
-    with pytest.raises(UserError, match="dumped with student.decode 'some-other-decoder'.*: rerun dump_logits"):
+    with pytest.raises(UserError, match="dumped with student.decode 'some-other-decoder'.*: "
+                                        "rerun dump_logits"):
         check_replay_decode(store.path, "some-other-decoder", DECODE)
