@@ -67,6 +67,20 @@ def describe_decode(path: str | None) -> str:
     return f"{setting} ({path})" if setting else repr(path)
 
 
+def decode_summary(path: str, setting: str, device: torch.device, *,
+                   follows_store: bool = False) -> str:
+    """The decode path in use, where it runs and why, for the dump's and the student's first
+    lines, e.g. "decode gpu (torchvision-full-v1) on cuda (student.decode: auto, CUDA here)"."""
+    why = f"student.decode: {setting}"
+    if setting == "auto":
+        why += (", following the store" if follows_store
+                else ", CUDA here" if device.type == "cuda" else ", no CUDA here")
+    where = device.type
+    if path == DEVICE_DECODE and device.type != "cuda":
+        where = "the CPU, in the training process (no CUDA: slower than the cpu path's workers)"
+    return f"decode {describe_decode(path)} on {where} ({why})"
+
+
 def check_replay_decode(store_path: str, recorded: str, path: str) -> None:
     """Refuse to replay a store dumped with decode path `recorded` through another `path`:
     drafted JPEG views, and the GPU's decoder and resize, can give other pixels than the
@@ -74,8 +88,9 @@ def check_replay_decode(store_path: str, recorded: str, path: str) -> None:
     does not look, so that one rule holds for every data set.)"""
     if recorded != path:
         setting = SETTING_OF_PATH.get(recorded)
-        fix = (f"set student.decode: {setting} (or auto, which follows the store), or rerun "
-               "dump_logits" if setting else "rerun dump_logits")
+        redump = "rerun dump_logits (dvc repro)"
+        fix = (f"set student.decode: {setting} (or auto, which follows the store), or {redump}"
+               if setting else redump)
         raise UserError(f"logit store {store_path} was dumped with student.decode "
                         f"{describe_decode(recorded)} but this student decodes with "
                         f"{describe_decode(path)}, so its views could differ from the "

@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.augment import DECODE, CropSpec
 from pipeline.checkpoints import load_model
-from pipeline.device_decode import (check_replay_decode, decode_path, describe_decode,
+from pipeline.device_decode import (check_replay_decode, decode_path, decode_summary,
                                     warn_if_decoded_elsewhere)
 from pipeline.errors import UserError
 from pipeline.losses import DistillationObjective, PreviousEpochPrior, distillation_objective
@@ -89,8 +89,8 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
         teacher_identity = {key: store.attributes.get(key) for key in STORE_IDENTITY}
     decode = student_decode_path(settings, device, store)
     if distributed().is_main:
-        print(f"student: decode {describe_decode(decode)} on {device.type} (student.decode: "
-              f"{settings.decode})", flush=True)
+        print("student: " + decode_summary(decode, settings.decode, device,
+                                           follows_store=store is not None), flush=True)
     class_prior = (PreviousEpochPrior(manifest["num_classes"], device=device,
                                       weight_temperature=settings.ikl.weight_temperature)
                    if previous_epoch else None)

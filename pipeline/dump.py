@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.augment import CropSpec, draw_views, normalize
 from pipeline.device_decode import (DEVICE_DECODE, cut_views, decode_on_device, decode_path,
-                                    describe_decode, worker_payload)
+                                    decode_summary, worker_payload)
 from pipeline.distill import crop_spec, load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
@@ -79,9 +79,9 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
     if decode == DEVICE_DECODE:  # its pixels may differ in the last bits from device to device
         attributes["decode_device"] = ranks.device.type
     if ranks.is_main:
-        print(f"dump {teacher_name}: decode {describe_decode(decode)} on {ranks.device.type} "
-              f"(student.decode: {params.student.decode}: the dump decodes as its student "
-              "will)", flush=True)
+        summary = decode_summary(decode, params.student.decode, ranks.device)
+        print(f"dump {teacher_name}: {summary}; the dump decodes as its student will",
+              flush=True)
     shape = dict(rows=manifest["splits"]["train"]["rows"], views=settings.views,
                  topk=settings.topk, num_classes=num_classes,
                  shard_rows=shards[0].stop - shards[0].start, tail=settings.tail)

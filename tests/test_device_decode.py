@@ -15,7 +15,7 @@ from helpers_jpeg import (SIZE, dump_and_replay, jpeg_layout, jpeg_sample, textu
 from helpers_stage_one import params_from, with_changes
 from pipeline.augment import DECODE, apply_view, draft_scale, draw_views
 from pipeline.device_decode import (DEVICE_DECODE, batch_pixels, decode_on_device,
-                                    decode_path, device_views, warn_if_decoded_elsewhere,
+                                    decode_path, decode_summary, device_views, warn_if_decoded_elsewhere,
                                     worker_payload)
 from pipeline.distill import train_student
 from pipeline.dump import dump_logits
@@ -87,6 +87,19 @@ def test_a_batch_is_decoded_where_it_trains():
         assert torch.equal(pixels[index], expected)  # the full-size decode, cut
     cut = {"images": pixels}  # the CPU path's batch is only moved
     assert batch_pixels(cut, CPU, SIZE) is pixels
+
+
+def test_the_log_line_says_which_path_runs_where_and_why():
+    cuda = torch.device("cuda", 0)
+    assert (decode_summary(DEVICE_DECODE, "auto", cuda)
+            == "decode gpu (torchvision-full-v1) on cuda (student.decode: auto, CUDA here)")
+    assert (decode_summary(DECODE, "auto", CPU)
+            == "decode cpu (pil-draft-v1) on cpu (student.decode: auto, no CUDA here)")
+    following = decode_summary(DEVICE_DECODE, "auto", CPU, follows_store=True)
+    assert following.startswith("decode gpu (torchvision-full-v1) on the CPU, in the training "
+                                "process (no CUDA")
+    assert following.endswith("(student.decode: auto, following the store)")
+    assert decode_summary(DECODE, "cpu", cuda).endswith("on cuda (student.decode: cpu)")
 
 
 def test_the_views_of_one_image_share_one_decode(monkeypatch):
