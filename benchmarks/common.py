@@ -2,9 +2,9 @@
 
 Data: the embedded digits-LT shards, or a generated ImageFolder of structured synthetic JPEGs
 (per class a colour layout and a shape, per image jitter, texture noise and a random size),
-prepared into shards through pipeline.shards like any user data. Teachers: a randomly
+prepared into shards through pipeline.data.shards like any user data. Teachers: a randomly
 initialised model whose BatchNorm statistics are calibrated on a few batches (so its eval-mode
-logits have a realistic scale), saved in the checkpoint format pipeline.distill.load_model reads.
+logits have a realistic scale), saved in the checkpoint format pipeline.train.runs.load_model reads.
 Timing: `TimedBatches` wraps one epoch of batches and records the wall time of the whole pass
 (from iter() to exhaustion: every step of the epoch, as the training loop runs it) and the part
 spent waiting inside the loader's next(); `run_child` runs one measurement in a fresh process.
@@ -29,10 +29,10 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from pipeline.augment import normalize  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.stream.augment import normalize  # noqa: E402
+from pipeline.train.models import build_model  # noqa: E402
 from pipeline.params import DataParams, Params, check_consistency, parse  # noqa: E402
-from pipeline.shards import prepare_shards  # noqa: E402
+from pipeline.data.shards import prepare_shards  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Reporting
@@ -132,12 +132,12 @@ class TimedBatches:
 
 
 def time_train_loaders(log: list, sync=None, on_start=None) -> None:
-    """Make every pipeline.distill training loader a TimedBatches logging to `log`.
+    """Make every pipeline.train.runs training loader a TimedBatches logging to `log`.
 
     The student's and teacher's loops get their batches from `train_loader` as imported into
-    pipeline.distill; wrapping it there times the real loop (pipeline.train.fit) unchanged.
+    pipeline.train.runs; wrapping it there times the real loop (pipeline.train.loop.fit) unchanged.
     """
-    import pipeline.distill as distill
+    import pipeline.train.runs as distill
 
     original = distill.train_loader
 
@@ -282,7 +282,7 @@ def dataset_line(manifest: dict) -> str:
 def write_teacher_checkpoint(path: Path, arch: str, num_classes: int, image_size: int,
                              fingerprint: str, seed: int = 0) -> Path:
     """An untrained `arch` with BatchNorm statistics calibrated on random images, saved with the
-    keys pipeline.distill.load_model reads. Timing does not depend on what a teacher knows."""
+    keys pipeline.train.runs.load_model reads. Timing does not depend on what a teacher knows."""
     if path.is_file():
         return path
     torch.manual_seed(seed)

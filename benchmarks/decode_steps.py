@@ -4,9 +4,9 @@
     python benchmarks/decode_steps.py --sizes 224 112 --rounds 7
 
 1. reading a tar shard into (name, bytes) members: webdataset's tarfile-based
-   `tar_file_expander` vs pipeline.tars.tar_members (us per member, whole shards from memory);
+   `tar_file_expander` vs pipeline.stream.tars.tar_members (us per member, whole shards from memory);
 2. one view's pixels from the encoded bytes: the full decode + apply_view (the path before
-   JPEG draft mode) vs pipeline.stream.SourceImage.crop (draft mode where the crop allows it),
+   JPEG draft mode) vs pipeline.stream.loader.SourceImage.crop (draft mode where the crop allows it),
    view 0 of every train row, at each --sizes crop side; prints the share of drafted views.
 Data: the train shards of benchmarks/loader.py's photo-like set (run it once first; its cache
 is --work). Each round times every alternative once over all the data, in rotating order;
@@ -34,7 +34,7 @@ from common import load_line, median  # noqa: E402
 def tar_alternatives(blobs: list[bytes]) -> dict:
     from webdataset.tariterators import tar_file_expander
 
-    from pipeline.tars import tar_members
+    from pipeline.stream.tars import tar_members
 
     def with_tarfile():
         return sum(1 for blob in blobs for member in tar_file_expander(
@@ -43,12 +43,12 @@ def tar_alternatives(blobs: list[bytes]) -> dict:
     def direct():
         return sum(1 for blob in blobs for _ in tar_members(io.BytesIO(blob)))
 
-    return {"tarfile (webdataset)": with_tarfile, "pipeline.tars": direct}
+    return {"tarfile (webdataset)": with_tarfile, "pipeline.stream.tars": direct}
 
 
 def crop_alternatives(samples: list[dict], boxes, flips, size: int) -> dict:
-    from pipeline.augment import apply_view
-    from pipeline.stream import SourceImage, decode
+    from pipeline.stream.augment import apply_view
+    from pipeline.stream.loader import SourceImage, decode
 
     def full():
         for sample, box, flip in zip(samples, boxes, flips):
@@ -94,9 +94,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from pipeline.augment import draft_scale, draw_views
-    from pipeline.shards import load_manifest
-    from pipeline.stream import SourceImage, read_shard, split_shards
+    from pipeline.stream.augment import draft_scale, draw_views
+    from pipeline.data.manifest import load_manifest
+    from pipeline.stream.loader import SourceImage, read_shard, split_shards
 
     shards_dir = Path(args.work) / f"shards-max{args.max_side}"
     if not (shards_dir / "manifest.json").is_file():

@@ -1,4 +1,4 @@
-"""Dump overhead: pipeline.dump.dump_logits vs the teacher's inference alone on the same views.
+"""Dump overhead: pipeline.store.dump.dump_logits vs the teacher's inference alone on the same views.
 
     python benchmarks/dump_overhead.py                    # both data sets, 3 rounds
     python benchmarks/dump_overhead.py --profile          # also: cProfile of one dump
@@ -90,7 +90,7 @@ def load(folder: Path):
 
 def dump_child(folder: Path) -> dict:
     """One full dump_logits into a fresh store."""
-    from pipeline.dump import dump_logits
+    from pipeline.store.dump import dump_logits
 
     params, shards = load(folder)
     store = Path(tempfile.mkdtemp(dir=folder, prefix="store-")) / "teacher.zarr"
@@ -125,10 +125,10 @@ def inference_child(folder: Path) -> dict:
     """The dump's batches, built the dump's way, each phase clocked on its own."""
     import webdataset as wds
 
-    from pipeline.augment import apply_view, draw_views, normalize
-    from pipeline.distill import crop_spec, load_model
-    from pipeline.shards import load_manifest
-    from pipeline.stream import decode, split_shards
+    from pipeline.stream.augment import apply_view, draw_views, normalize
+    from pipeline.train.runs import crop_spec, load_model
+    from pipeline.data.manifest import load_manifest
+    from pipeline.stream.loader import decode, split_shards
 
     params, shards_dir = load(folder)
     settings = params.logits
@@ -162,7 +162,7 @@ def inference_child(folder: Path) -> dict:
 
 def profile_child(folder: Path) -> dict:
     """cProfile of one dump: the functions with the most time of their own."""
-    from pipeline.dump import dump_logits
+    from pipeline.store.dump import dump_logits
 
     params, shards = load(folder)
     store = Path(tempfile.mkdtemp(dir=folder, prefix="store-")) / "teacher.zarr"

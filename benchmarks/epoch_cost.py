@@ -9,7 +9,7 @@ configuration. With m = 2 views per decode one pass over the data yields 2N samp
 decoded image gives two crops), i.e. two such epochs: its pass is timed and halved. The online
 teacher (resnet32, >= 4x the student's forward FLOPs; printed) runs on the student's crops.
 
-What is timed: the real training loop, pipeline.distill.train_student -> pipeline.train.fit,
+What is timed: the real training loop, pipeline.train.runs.train_student -> pipeline.train.loop.fit,
 unchanged; its train loader is wrapped (common.TimedBatches) to clock each epoch from the
 loader's creation to its exhaustion, so validation and checkpointing are left out. Each run
 trains --epochs epochs in a fresh subprocess; the epochs after the first are measured (the first
@@ -24,7 +24,7 @@ process, serially with the model), and by iterating the same loader alone, witho
 Data: the embedded digits-LT (DataParams defaults, 32 px PNG) and a generated set of 100
 classes (4 train images each) of structured synthetic JPEGs of 64..96 px, trained at 64 px.
 Teachers are untrained (BatchNorm calibrated): timing does not depend on what they know. Logit
-stores come from pipeline.dump.dump_logits with V = 4 views, top-10.
+stores come from pipeline.store.dump.dump_logits with V = 4 views, top-10.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def raw_params(data, image_size: int, augment: dict, args) -> dict:
 
 def build_dataset(name: str, work: Path, args) -> dict:
     """Shards, teacher checkpoint, logit store and params of one data set; returns its info."""
-    from pipeline.dump import dump_logits
+    from pipeline.store.dump import dump_logits
 
     data_folder = work / (name if name == "digits" else
                           f"synthetic-{args.classes}x{args.per_class}")
@@ -129,7 +129,7 @@ def child_params(folder: Path, config: str, **changes):
 
 def train_child(folder: Path, config: str, epochs: int) -> dict:
     """Train the student `epochs` epochs with `config`; the loader-timed record of each."""
-    from pipeline.distill import train_student
+    from pipeline.train.runs import train_student
 
     (params, shards), log = child_params(folder, config, epochs=epochs), []
     time_train_loaders(log)
@@ -144,10 +144,10 @@ def train_child(folder: Path, config: str, epochs: int) -> dict:
 
 def loader_child(folder: Path, config: str, epochs: int) -> dict:
     """The same training loader alone, epochs 0 .. epochs - 1, as the student reads them."""
-    from pipeline.distill import crop_spec
-    from pipeline.shards import load_manifest
+    from pipeline.train.runs import crop_spec
+    from pipeline.data.manifest import load_manifest
     from pipeline.store import open_store
-    from pipeline.stream import ViewSource, split_shards, train_loader
+    from pipeline.stream.loader import ViewSource, split_shards, train_loader
 
     params, shards_dir = child_params(folder, config)
     settings = params.student

@@ -13,19 +13,19 @@ whose child fails is reported and skipped. Nothing is downloaded.
 Data (cached in --work, default $TMPDIR/gpu_check, reused by later runs): 1000 classes x 13
 photo-like JPEGs (common.photo_like: 300-500 px sides, quality 90, ~100 KB, as ImageNet's),
 written by all CPUs, each class from its own generator default_rng([0, label]); prepared into
-shards of 256 by pipeline.shards.prepare_shards (11 train rows per class: 11,000 rows, 42 steps
+shards of 256 by pipeline.data.shards.prepare_shards (11 train rows per class: 11,000 rows, 42 steps
 of 256; 1 val and 1 test image per class). C = 1000 is ImageNet's, so the loss and the store's
 tail cost what they would there. Teacher: an untrained ResNet-50 with calibrated BatchNorm
-(common.write_teacher_checkpoint); its store: pipeline.dump.dump_logits with student.decode: gpu,
+(common.write_teacher_checkpoint); its store: pipeline.store.dump.dump_logits with student.decode: gpu,
 1 view, top-5, logits.tail: quantized (wall time printed).
 
-1. The step alone: pipeline.train.fit on in-memory batches (random uint8 images, labels and the
+1. The step alone: pipeline.train.loop.fit on in-memory batches (random uint8 images, labels and the
    store's fields of random teacher logits, encoded by the store's own encoder), --warmup steps
    then --steps timed steps, CUDA-synchronised at both ends, CE and IKL alternating over
    --rounds rounds; figures are medians. Then the loss alone on the student's (B, C) logits
    (CachedTeacher's copies and dequantisation + IKL-KD + CE, forward and backward) as a share
    of the IKL step. Goals: IKL / CE throughput >= 0.95; loss + dequantisation < 2 % of the step.
-2. Fed training: pipeline.distill.train_student as a stage runs it (resnet50, 224 px, batch 256,
+2. Fed training: pipeline.train.runs.train_student as a stage runs it (resnet50, 224 px, batch 256,
    bf16, decode gpu, 4 DataLoader workers; IKL replays the store), 2 epochs; epoch 1 warms up,
    epoch 2 is timed by wrapping its train loader (common.time_train_loaders and
    gpu_check_timing.EpochPhases) from its creation to its exhaustion. An epoch's wall time
@@ -41,7 +41,7 @@ tail cost what they would there. Teacher: an untrained ResNet-50 with calibrated
    spends < 2 % of its time in the loader's next(), and its step (with the GPU decode and crop,
    which the in-memory step has not) is <= 1.05x the in-memory step of the same loss.
 3. The loader alone: the training loader of the IKL student (shards + store, 4 workers), its
-   first --loader-batches batches, each through pipeline.device_decode.batch_pixels on the GPU
+   first --loader-batches batches, each through pipeline.stream.device_decode.batch_pixels on the GPU
    and synchronised, no model; steady crops/s (the first batch left out). Goal: the GPU path
    >= 2500 crops/s. The CPU path (decode: cpu, 4 workers) beside it for comparison.
 4. Decoder difference: on --check-images train JPEGs, nvJPEG (decode_on_device on CUDA) vs
@@ -130,7 +130,7 @@ def data_section(settings: dict, command: list[str]) -> dict:
 
 
 def step_section(settings: dict, command: list[str], memory: str) -> dict:
-    print(f"\n1. the step alone: pipeline.train.fit on in-memory batches, {settings['steps']} "
+    print(f"\n1. the step alone: pipeline.train.loop.fit on in-memory batches, {settings['steps']} "
           f"timed steps after {settings['warmup']} warm-up steps, median over "
           f"{settings['rounds']} round(s) (CE and IKL alternating, fresh processes)")
     runs = alternate(settings["rounds"], lambda loss: run_child(
@@ -158,7 +158,7 @@ def step_section(settings: dict, command: list[str], memory: str) -> dict:
 
 
 def fed_section(settings: dict, command: list[str], memory: str, alone: dict | None) -> list:
-    print(f"\n2. fed training: pipeline.distill.train_student, decode gpu, "
+    print(f"\n2. fed training: pipeline.train.runs.train_student, decode gpu, "
           f"DataLoader workers {settings['workers']}, 2 epochs, epoch 2 timed; median over "
           f"{settings['rounds']} round(s)")
     runs = alternate(settings["rounds"], lambda loss: run_child(

@@ -127,9 +127,9 @@ def prepare_child(settings: dict, work: Path, smoke: bool) -> dict:
     # First, before anything starts threads or CUDA: the generator forks its processes.
     step("generate", images.is_dir(), lambda: write_photo_jpegs(images, settings, processes))
 
-    from pipeline.dump import dump_logits
+    from pipeline.store.dump import dump_logits
     from pipeline.params import DataParams
-    from pipeline.shards import prepare_shards
+    from pipeline.data.shards import prepare_shards
     from pipeline.store import open_existing
 
     data = DataParams(source="image_folder", root=str(images), imbalance_ratio=1.0,

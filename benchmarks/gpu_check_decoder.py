@@ -19,8 +19,8 @@ HAZARD_IMAGES, HAZARD_TRIALS = 16, 10  # decode_overwrites
 def first_train_images(shards_dir: str, store, count: int) -> tuple[list, np.ndarray, np.ndarray]:
     """The first `count` train rows' SourceImages with their stored view 0: boxes (n, 4),
     flips (n,)."""
-    from pipeline.shards import load_manifest
-    from pipeline.stream import SourceImage, read_shard, split_shards
+    from pipeline.data.manifest import load_manifest
+    from pipeline.stream.loader import SourceImage, read_shard, split_shards
 
     images, boxes, flips = [], [], []
     for shard in split_shards(shards_dir, load_manifest(shards_dir), "train"):
@@ -84,7 +84,7 @@ def set_tf32_convolutions(enabled: bool) -> None:
 @torch.no_grad()
 def teacher_logits(teacher, views: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(n, C) float32 logits (on the CPU) of (n, 3, S, S) uint8 views, eval mode, no autocast."""
-    from pipeline.augment import normalize
+    from pipeline.stream.augment import normalize
 
     return torch.cat([teacher(normalize(chunk.to(device))).float().cpu()
                       for chunk in views.split(64)])
@@ -95,8 +95,8 @@ def check_teacher(settings: dict, folder: Path, weights: str | None, device: tor
     """The teacher of the check, in eval mode on `device`, and what it is: the ImageNet
     weights in `weights`, else the dump's untrained teacher with its head rescaled so that
     its logits on `views` spread TEACHER_LOGIT_STD per row."""
-    from pipeline.checkpoints import load_model
-    from pipeline.models import build_model, classifier_head, load_weights
+    from pipeline.train.checkpoints import load_model
+    from pipeline.train.models import build_model, classifier_head, load_weights
 
     arch = settings["teacher_arch"]
     if weights:
@@ -123,7 +123,7 @@ def decode_overwrites(payloads: list, device: torch.device) -> int | None:
     this stream), then decodes: a sum that is not its block's count of ones was read after
     the decoder overwrote it (torchvision's nvJPEG decode does not wait for the caller's
     stream: pytorch/vision#9606). fit() queues steps ahead, so a decode in training can."""
-    from pipeline.device_decode import decode_on_device
+    from pipeline.stream.device_decode import decode_on_device
 
     if device.type != "cuda" or not hasattr(torch.cuda, "_sleep"):
         return None
@@ -144,7 +144,7 @@ def decode_overwrites(payloads: list, device: torch.device) -> int | None:
 def decoder_child(settings: dict, work: Path, weights: str | None) -> dict:
     """Pixels and teacher logits of the device decode (nvJPEG on CUDA) against the CPU path's
     decode (Pillow), and the store's quantisation error on the same logits."""
-    from pipeline.device_decode import cut_views, decode_on_device, worker_payload
+    from pipeline.stream.device_decode import cut_views, decode_on_device, worker_payload
     from pipeline.store import open_store
 
     device, size = default_device(), settings["image_size"]

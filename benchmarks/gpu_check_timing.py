@@ -86,9 +86,9 @@ class FirstBatches:
 
 
 def record_phases(log: list, sync) -> None:
-    """Wrap every pipeline.distill training loader in EpochPhases logging to `log`. Call it
+    """Wrap every pipeline.train.runs training loader in EpochPhases logging to `log`. Call it
     before common.time_train_loaders, whose TimedBatches then wraps these."""
-    import pipeline.distill as distill
+    import pipeline.train.runs as distill
 
     original = distill.train_loader
 
@@ -113,7 +113,7 @@ def tail_basis(settings: dict):
 
 
 def synthetic_batches(settings: dict, pin: bool, basis) -> list[dict]:
-    """DISTINCT_BATCHES batches shaped like pipeline.stream's (CPU tensors, pinned on CUDA),
+    """DISTINCT_BATCHES batches shaped like pipeline.stream.loader's (CPU tensors, pinned on CUDA),
     the teacher's fields encoded by the store's own encoder with a quantised tail."""
     from pipeline.store.encoding import decode_fields, encode_logits
 
@@ -135,10 +135,10 @@ def synthetic_batches(settings: dict, pin: bool, basis) -> list[dict]:
 
 def step_child(loss: str, settings: dict) -> dict:
     """fit() the student for warmup + steps steps with `loss` ("ce" or "ikl")."""
-    from pipeline.distill import CachedTeacher, student_objective
-    from pipeline.models import build_model
+    from pipeline.train.runs import CachedTeacher, student_objective
+    from pipeline.train.models import build_model
     from pipeline.params import StudentParams
-    from pipeline.train import TrainRun, fit
+    from pipeline.train.loop import TrainRun, fit
 
     cuda = torch.cuda.is_available()  # fit picks the same device for itself
     device = default_device()
@@ -220,7 +220,7 @@ def peak_rss() -> int:
 def fed_child(loss: str, settings: dict, work: Path) -> dict:
     """train_student for 2 epochs with `loss`; epoch 2's TimedBatches record and phases, the
     peak memory from its start to the end of the run, and its mean train loss."""
-    from pipeline.distill import train_student
+    from pipeline.train.runs import train_student
 
     cuda, sync = torch.cuda.is_available(), device_sync()
     folder = data_folder(work, settings)
@@ -247,12 +247,12 @@ def fed_child(loss: str, settings: dict, work: Path) -> dict:
 def loader_child(decode: str, settings: dict, work: Path) -> dict:
     """The IKL student's training loader with `decode` ("gpu" or "cpu"), each batch through
     batch_pixels on the device and synchronised, no model: its phases."""
-    from pipeline.augment import DECODE
-    from pipeline.device_decode import DEVICE_DECODE, batch_pixels
-    from pipeline.distill import crop_spec
-    from pipeline.shards import load_manifest
+    from pipeline.stream.augment import DECODE
+    from pipeline.stream.device_decode import DEVICE_DECODE, batch_pixels
+    from pipeline.train.runs import crop_spec
+    from pipeline.data.manifest import load_manifest
     from pipeline.store import open_store
-    from pipeline.stream import ViewSource, split_shards, train_loader
+    from pipeline.stream.loader import ViewSource, split_shards, train_loader
 
     folder, device, sync = data_folder(work, settings), default_device(), device_sync()
     params = make_params(raw_params(settings, folder, "ikl"))

@@ -14,8 +14,8 @@ Data (--data):
   Each --max-side (default 0 256 320) is its own prepare of the same files: 0 keeps the files'
   bytes, 256 / 320 re-encode them to that longer side (`data.max_side`, quality 90).
 - synthetic: structured synthetic JPEGs (100 classes, 64..96 px), crops of 64 px.
-Shards of 256 rows by pipeline.shards; batch 64.
-- paired: pipeline.stream.train_loader with the logit store (pipeline.dump.dump_logits, V = 2,
+Shards of 256 rows by pipeline.data.shards; batch 64.
+- paired: pipeline.stream.loader.train_loader with the logit store (pipeline.store.dump.dump_logits, V = 2,
   top-10; a small teacher at 16 px, since only the store's format matters here): stored boxes
   and flips replayed, logits attached to each sample;
 - without logits: the same train_loader with no store (views drawn from the seed per segment);
@@ -24,7 +24,7 @@ Shards of 256 rows by pipeline.shards; batch 64.
   cropped by torchvision's v2 RandomResizedCrop (bilinear, antialias: apply_view's op) and
   RandomHorizontalFlip, in a DataLoader with shuffle and the default collate;
 - decode-only bound: every train image's bytes held in memory, then the stream's own per-sample
-  work (pipeline.stream's decode + crop + resize of one view) in a tight loop in one process,
+  work (pipeline.stream.loader's decode + crop + resize of one view) in a tight loop in one process,
   times --workers: the most a CPU path with that many workers can deliver on this machine.
 All three loaders: --workers DataLoader workers (2), a new DataLoader per epoch (the stream makes
 one per epoch; ImageFolder's workers restart per epoch unless persistent, here not), worker start
@@ -75,7 +75,7 @@ AUGMENT = {"crop_scale": [0.08, 1.0], "crop_ratio": [0.75, 1.3333333], "flip_pro
 def build(work: Path, args, max_side: int = 0) -> Path:
     """Shards, a logit store, the extracted ImageFolder tree and the run's params of one data
     set (for photos: one `data.max_side`)."""
-    from pipeline.dump import dump_logits
+    from pipeline.store.dump import dump_logits
 
     data_folder = work / f"{args.data}-{args.classes}x{args.per_class}"
     if args.data == "photo":
@@ -135,7 +135,7 @@ def extract_image_folder(shards: Path, manifest: dict, root: Path) -> None:
     """root/class_LLLL/RRRRRRRRR.ext: every train sample's encoded bytes, unchanged."""
     import webdataset as wds
 
-    from pipeline.stream import split_shards
+    from pipeline.stream.loader import split_shards
 
     if root.is_dir():
         return
@@ -155,10 +155,10 @@ def extract_image_folder(shards: Path, manifest: dict, root: Path) -> None:
 def make_loader(folder: Path, kind: str, epoch: int, workers: int | None = None):
     """One epoch's DataLoader of `kind` (see the module docstring); `workers` overrides the
     params' DataLoader workers."""
-    from pipeline.distill import crop_spec
-    from pipeline.shards import load_manifest
+    from pipeline.train.runs import crop_spec
+    from pipeline.data.manifest import load_manifest
     from pipeline.store import open_store
-    from pipeline.stream import ViewSource, split_shards, train_loader
+    from pipeline.stream.loader import ViewSource, split_shards, train_loader
 
     saved = json.loads((folder / "params.json").read_text())
     if workers is not None:
@@ -180,7 +180,7 @@ class DecodeFile:
     lambda, so DataLoader workers can pickle it)."""
 
     def __call__(self, path: str) -> torch.Tensor:
-        from pipeline.stream import decode
+        from pipeline.stream.loader import decode
 
         extension = "jpg" if path.endswith(".jpg") else "png"
         with open(path, "rb") as stream:
@@ -212,10 +212,10 @@ def samples_in(batch) -> int:
 def decode_bound_child(folder: Path, epochs: int) -> dict:
     """Samples per second of the stream's own decode + crop + resize stage (view 0 of every
     train image, bytes already in memory) in this one process, per pass over the data."""
-    from pipeline.augment import draw_views
-    from pipeline.distill import crop_spec
-    from pipeline.shards import load_manifest
-    from pipeline.stream import SourceImage, _training_samples, read_shard, split_shards
+    from pipeline.stream.augment import draw_views
+    from pipeline.train.runs import crop_spec
+    from pipeline.data.manifest import load_manifest
+    from pipeline.stream.loader import SourceImage, _training_samples, read_shard, split_shards
 
     saved = json.loads((folder / "params.json").read_text())
     params = make_params(saved["raw"])
@@ -264,7 +264,7 @@ def time_child(folder: Path, kind: str, epochs: int) -> dict:
 
 def profile_child(folder: Path, kind: str) -> dict:
     """cProfile of one epoch read in this process (workers 0): a worker's work."""
-    import pipeline.distill  # noqa: F401  (imports outside the profile)
+    import pipeline.train.runs  # noqa: F401  (imports outside the profile)
 
     for _ in make_loader(folder, kind, 0, workers=0):  # warm page cache and imports
         pass

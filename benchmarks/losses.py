@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from pipeline.losses import ikl_kd_loss, kl_kd_loss  # noqa: E402
+from pipeline.train.losses import ikl_kd_loss, kl_kd_loss  # noqa: E402
 
 SPEEDUP_GOAL = 500.0  # pairwise time / closed-form time, at least
 OVERHEAD_GOAL = 1.5  # IKL time / KL-KD time, at most

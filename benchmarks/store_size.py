@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from common import hierarchical_logits, machine_line  # noqa: E402
-from pipeline.augment import draw_views  # noqa: E402
-from pipeline.inspect import bytes_on_disk, store_summary  # noqa: E402
+from pipeline.stream.augment import draw_views  # noqa: E402
+from pipeline.tools.inspect import bytes_on_disk, store_summary  # noqa: E402
 from pipeline.store import (  # noqa: E402
     TAIL_FIT_ROWS, create_store, finalize_store, fit_tail_basis, open_store, shard_bounds,
     write_shard, write_tail_basis)

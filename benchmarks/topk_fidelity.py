@@ -40,14 +40,14 @@ import webdataset as wds
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from common import hierarchical_logits  # noqa: E402
-from pipeline.augment import apply_view, normalize  # noqa: E402
-from pipeline.distill import load_model  # noqa: E402
-from pipeline.losses import ikl_kd_loss, kl_kd_loss  # noqa: E402
-from pipeline.shards import file_sha256  # noqa: E402
+from pipeline.stream.augment import apply_view, normalize  # noqa: E402
+from pipeline.train.runs import load_model  # noqa: E402
+from pipeline.train.losses import ikl_kd_loss, kl_kd_loss  # noqa: E402
+from pipeline.data.shards import file_sha256  # noqa: E402
 from pipeline.store import open_store  # noqa: E402
 from pipeline.store.encoding import decode_logits, encode_logits  # noqa: E402
 from pipeline.store.tail import TAIL_FIT_ROWS, fit_tail_basis, tail_components  # noqa: E402
-from pipeline.stream import decode  # noqa: E402
+from pipeline.stream.loader import decode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IKL_OPTIONS = {"alpha": 1.0, "beta": 1.0, "temperature": 1.0, "weight_temperature": 100.0}

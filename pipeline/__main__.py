@@ -1,3 +1,3 @@
-from pipeline.cli import cli
+from pipeline.tools.cli import cli
 
 cli()

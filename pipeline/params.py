@@ -84,7 +84,7 @@ class DataParams:
 class TrainParams:
     """How one model trains: a teacher (`teachers.NAME`) or the student."""
 
-    arch: str = "resnet18"  # a name from pipeline.models (unknown names list the known ones)
+    arch: str = "resnet18"  # a name from pipeline.train.models (unknown names list the known ones)
     small_input: bool = False  # 3x3 stem, no max-pool: for 32 px images
     image_size: int = _param(224, at_least(8))  # side of the crop the model sees
     epochs: int = _param(90, at_least(0))  # 0: use `weights` as they are (evaluate, dump)
@@ -173,7 +173,7 @@ class StudentParams(TrainParams):
     # Where the student's images (and its teacher's dump) are decoded: `cpu` in the DataLoader
     # workers (Pillow, JPEG draft scales), `gpu` on the training device (nvJPEG on CUDA; the
     # same code on the CPU without one), `auto`: the store's path when replaying one, else gpu
-    # on CUDA (pipeline/device_decode.py).
+    # on CUDA (pipeline/stream/device_decode.py).
     decode: str = _param("auto", one_of("auto", "cpu", "gpu"))
 
 
@@ -250,9 +250,9 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def check_architectures(params: Params) -> None:
-    """Every `arch` names a model pipeline.models builds: a typo fails here, before prepare,
+    """Every `arch` names a model pipeline.train.models builds: a typo fails here, before prepare,
     not after it. (Imports torchvision, so it runs in load_params, not in parse.)"""
-    from pipeline.models import unknown_architecture
+    from pipeline.train.models import unknown_architecture
 
     archs = {f"teachers.{name}.arch": t.arch for name, t in params.teachers.items()}
     archs["student.arch"] = params.student.arch

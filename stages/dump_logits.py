@@ -2,8 +2,8 @@
 
 import click
 
-from pipeline.cli import HELP_OPTIONS, run_stage
-from pipeline.dump import dump_logits
+from pipeline.entry import HELP_OPTIONS, run_stage
+from pipeline.store.dump import dump_logits
 from pipeline.launch import run_on_every_device
 from pipeline.params import load_params
 

@@ -2,8 +2,8 @@
 
 import click
 
-from pipeline.cli import HELP_OPTIONS, run_stage
-from pipeline.evaluate import evaluate_checkpoint
+from pipeline.entry import HELP_OPTIONS, run_stage
+from pipeline.train.evaluate import evaluate_checkpoint
 from pipeline.params import load_params
 
 

@@ -3,9 +3,9 @@ PNGs that open offline (`dvc plots show` needs a CDN for its HTML)."""
 
 import click
 
-from pipeline.cli import HELP_OPTIONS, run_stage
+from pipeline.entry import HELP_OPTIONS, run_stage
 from pipeline.params import load_params
-from pipeline.plots import write_figures
+from pipeline.tools.plots import write_figures
 
 
 @click.command(context_settings=HELP_OPTIONS)

@@ -2,9 +2,9 @@
 
 import click
 
-from pipeline.cli import HELP_OPTIONS, run_stage
+from pipeline.entry import HELP_OPTIONS, run_stage
 from pipeline.params import load_params
-from pipeline.shards import prepare_shards
+from pipeline.data.shards import prepare_shards
 
 
 @click.command(context_settings=HELP_OPTIONS)

@@ -2,8 +2,8 @@
 
 import click
 
-from pipeline.cli import HELP_OPTIONS, check_tracked_weights, run_stage
-from pipeline.distill import train_student
+from pipeline.entry import HELP_OPTIONS, check_tracked_weights, run_stage
+from pipeline.train.runs import train_student
 from pipeline.launch import run_on_every_device
 from pipeline.params import load_params
 

@@ -8,9 +8,9 @@ import os
 import runpy
 import sys
 
-import pipeline.train
+import pipeline.train.loop
 
-save = pipeline.train._save_checkpoint
+save = pipeline.train.loop._save_checkpoint
 
 
 def save_then_die(*args, **kwargs):
@@ -18,6 +18,6 @@ def save_then_die(*args, **kwargs):
     os._exit(17)  # no cleanup, like SIGKILL: torchrun then stops the other ranks
 
 
-pipeline.train._save_checkpoint = save_then_die
+pipeline.train.loop._save_checkpoint = save_then_die
 script, sys.argv = sys.argv[1], sys.argv[1:]
 runpy.run_path(script, run_name="__main__")

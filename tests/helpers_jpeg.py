@@ -8,16 +8,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-import pipeline.dump
+import pipeline.store.dump
 from helpers_stage_one import CLASS_IMAGES, params_from, toy_raw_params, with_changes
-from pipeline.augment import DECODE
-from pipeline.device_decode import batch_pixels
-from pipeline.distill import crop_spec
-from pipeline.dump import dump_logits
-from pipeline.models import build_model
-from pipeline.shards import prepare_shards
+from pipeline.stream.augment import DECODE
+from pipeline.stream.device_decode import batch_pixels
+from pipeline.train.runs import crop_spec
+from pipeline.store.dump import dump_logits
+from pipeline.train.models import build_model
+from pipeline.data.shards import prepare_shards
 from pipeline.store import open_store
-from pipeline.stream import SourceImage, ViewSource, read_shard, split_shards, train_loader
+from pipeline.stream.loader import SourceImage, ViewSource, read_shard, split_shards, train_loader
 
 SIZE = 16  # the teacher's and the student's crop side
 
@@ -70,8 +70,8 @@ def dump_and_replay(root, params, manifest, checkpoint, monkeypatch, *, decode: 
     passed to `check_batch`, its pixels from batch_pixels). Returns the store and the dumped
     and replayed crops, each {(view, row): (3, SIZE, SIZE) uint8}."""
     seen = []  # the dump's uint8 crops, one (n, 3, SIZE, SIZE) batch per shard and view
-    real_normalize = pipeline.dump.normalize
-    monkeypatch.setattr(pipeline.dump, "normalize",
+    real_normalize = pipeline.store.dump.normalize
+    monkeypatch.setattr(pipeline.store.dump, "normalize",
                         lambda crops: seen.append(crops.clone()) or real_normalize(crops))
     store_path = root / "teacher.zarr"
     dump_logits(params, "teacher", str(root / "shards"), str(checkpoint), str(store_path))

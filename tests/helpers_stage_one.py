@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from pipeline.params import Params, check_consistency, parse
-from pipeline.shards import prepare_shards
+from pipeline.data.shards import prepare_shards
 
 # Per class: 1 val + 1 test image, the rest train: 12 / 8 / 6 train rows after the long-tail
 # cut (imbalance_ratio 2) = 26 rows, in shards of 8, 8, 8 and a short one of 2.
@@ -81,7 +81,7 @@ def write_params_file(path: Path, raw: dict) -> Path:
 
 def train_samples(shards_dir: Path, manifest: dict) -> list[dict]:
     """Every train sample in row order: {row, label, height, width, image (3, H, W) uint8}."""
-    from pipeline.stream import decode, split_shards
+    from pipeline.stream.loader import decode, split_shards
 
     samples = []
     for shard in split_shards(str(shards_dir), manifest, "train"):
@@ -117,7 +117,7 @@ def stage_one_data(tmp_path_factory) -> StageOneData:
 @pytest.fixture(scope="module")
 def teacher_checkpoint(stage_one_data) -> Path:
     """checkpoint.pt of the toy teacher (2 epochs of CE)."""
-    from pipeline.distill import train_teacher
+    from pipeline.train.runs import train_teacher
 
     out = stage_one_data.root / "teacher"
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import pipeline.distill
+import pipeline.train.runs
 
-real_fit = pipeline.distill.fit
+real_fit = pipeline.train.runs.fit
 
 
 def recording_fit(model, run, out_dir, live_dir):
@@ -33,6 +33,6 @@ def recording_fit(model, run, out_dir, live_dir):
     return metrics
 
 
-pipeline.distill.fit = recording_fit
+pipeline.train.runs.fit = recording_fit
 record_dir, script, sys.argv = sys.argv[1], sys.argv[2], sys.argv[2:]
 runpy.run_path(script, run_name="__main__")

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from pipeline.augment import (
+from pipeline.stream.augment import (
     IMAGENET_MEAN, IMAGENET_STD, CropSpec, View, apply_view, draw_view, draw_views, eval_view,
     normalize, pixel_box)
 

@@ -1,4 +1,4 @@
-"""The one decode path (pipeline.stream.SourceImage, JPEG draft mode): the teacher's dump and
+"""The one decode path (pipeline.stream.loader.SourceImage, JPEG draft mode): the teacher's dump and
 the student's replay see the same pixels for every view, bit for bit; a drafted view is the
 same view (its box mapped exactly), only decoded at a DCT scale."""
 
@@ -8,12 +8,12 @@ import torch
 
 from helpers_jpeg import (SIZE, dump_and_replay, jpeg_layout, jpeg_sample, textured,
                           train_image_sizes)
-from pipeline.augment import (DECODE, apply_view, apply_view_drafted, draft_scale,
+from pipeline.stream.augment import (DECODE, apply_view, apply_view_drafted, draft_scale,
                               draw_views, pixel_box)
-from pipeline.device_decode import check_replay_decode
+from pipeline.stream.device_decode import check_replay_decode
 from pipeline.errors import UserError
 from pipeline.store import open_store
-from pipeline.stream import SourceImage
+from pipeline.stream.loader import SourceImage
 
 VIEWS = 4
 
@@ -85,7 +85,7 @@ def test_dump_and_replay_see_the_same_pixels_for_every_view(jpeg_data, monkeypat
 
 
 def test_a_store_dumped_with_another_decode_is_refused(jpeg_data):
-    """The student's check (pipeline.distill.train_student calls it; the device path's own
+    """The student's check (pipeline.train.runs.train_student calls it; the device path's own
     refusal is in tests/test_device_decode.py)."""
     root, _, _, _ = jpeg_data
     store = open_store(str(root / "teacher.zarr"))

@@ -1,4 +1,4 @@
-"""The device decode path (student.decode: gpu; pipeline/device_decode.py), run on the CPU: the
+"""The device decode path (student.decode: gpu; pipeline/stream/device_decode.py), run on the CPU: the
 same tensor code a GPU runs, with libjpeg-turbo where a GPU has nvJPEG. It cuts the same boxes
 and flips as the CPU path (bit for bit wherever the CPU path decodes at full size), the dump
 and the replay see the same pixels, and a store is replayed only through its own path."""
@@ -13,14 +13,14 @@ from PIL import Image
 from helpers_jpeg import (SIZE, dump_and_replay, jpeg_layout, jpeg_sample, textured,
                           train_image_sizes)
 from helpers_stage_one import params_from, with_changes
-from pipeline.augment import DECODE, apply_view, draft_scale, draw_views
-from pipeline.device_decode import (DEVICE_DECODE, batch_pixels, decode_on_device,
+from pipeline.stream.augment import DECODE, apply_view, draft_scale, draw_views
+from pipeline.stream.device_decode import (DEVICE_DECODE, batch_pixels, decode_on_device,
                                     decode_path, decode_summary, device_views, warn_if_decoded_elsewhere,
                                     worker_payload)
-from pipeline.distill import train_student
-from pipeline.dump import dump_logits
+from pipeline.train.runs import train_student
+from pipeline.store.dump import dump_logits
 from pipeline.errors import UserError
-from pipeline.stream import SourceImage
+from pipeline.stream.loader import SourceImage
 
 VIEWS = 3
 CPU = torch.device("cpu")
@@ -104,7 +104,7 @@ def test_the_log_line_says_which_path_runs_where_and_why():
 
 def test_the_views_of_one_image_share_one_decode(monkeypatch):
     """m views of a row (student.views_per_decode) carry one payload object: one decode."""
-    import pipeline.device_decode as device_decode
+    import pipeline.stream.device_decode as device_decode
 
     calls = []
     real = device_decode._decode_jpegs

@@ -13,11 +13,11 @@ import zarr
 
 from helpers_stage_one import (TRAIN_ROWS, stage_one_data, teacher_checkpoint,  # noqa: F401
                                write_params_file)
-from pipeline.dump import dump_logits
+from pipeline.store.dump import dump_logits
 from pipeline.params import to_dict
 from pipeline.store import open_store
-from pipeline.stream import ViewSource, rank_segments, split_shards, train_loader
-from pipeline.train import load_checkpoint
+from pipeline.stream.loader import ViewSource, rank_segments, split_shards, train_loader
+from pipeline.train.loop import load_checkpoint
 from test_student import stage_one, tiny_params  # noqa: F401 (fixture)
 
 
@@ -82,9 +82,9 @@ def test_two_rank_dump_equals_the_single_process_dump(stage_one_data, teacher_ch
 # its tail residuals land, then the process dies without cleanup (like SIGKILL).
 KILLED_MID_SHARD_2 = textwrap.dedent("""
     import os, runpy, sys
-    import pipeline.dump
+    import pipeline.store.dump
 
-    real_write_shard = pipeline.dump.write_shard
+    real_write_shard = pipeline.store.dump.write_shard
 
     def write_shard(group, shard_index, **arrays):
         if shard_index == 2:
@@ -92,7 +92,7 @@ KILLED_MID_SHARD_2 = textwrap.dedent("""
             os._exit(17)
         real_write_shard(group, shard_index, **arrays)
 
-    pipeline.dump.write_shard = write_shard
+    pipeline.store.dump.write_shard = write_shard
     script, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_path(script, run_name="__main__")
 """)

@@ -16,18 +16,18 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-import pipeline.dump
+import pipeline.store.dump
 from helpers_stage_one import (  # noqa: F401 (fixtures)
     NUM_SHARDS, SHARD_SIZE, TRAIN_ROWS, params_from, stage_one_data, teacher_checkpoint,
     train_samples, with_changes, write_params_file)
-from pipeline.augment import CropSpec, apply_view, draw_views, normalize, pixel_box
-from pipeline.cli import cli
-from pipeline.distill import crop_spec, load_model, train_student
+from pipeline.stream.augment import CropSpec, apply_view, draw_views, normalize, pixel_box
+from pipeline.tools.cli import cli
+from pipeline.train.runs import crop_spec, load_model, train_student
 from pipeline.distributed import distributed
-from pipeline.dump import dump_logits
+from pipeline.store.dump import dump_logits
 from pipeline.errors import UserError
-from pipeline.losses import class_prior
-from pipeline.shards import file_sha256
+from pipeline.train.losses import class_prior
+from pipeline.data.manifest import file_sha256
 from pipeline.store import (
     CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PARTIALS_GROUP, StoreMismatchError, open_store,
     shard_bounds, verify_store)
@@ -105,13 +105,13 @@ def file_tree(path) -> dict[str, tuple[str, int]]:
 
 def count_dumped_shards(monkeypatch) -> list[int]:
     """Spy on the dump: the list fills with the index of every shard it computes."""
-    real_dump_shard, dumped = pipeline.dump._dump_shard, []
+    real_dump_shard, dumped = pipeline.store.dump._dump_shard, []
 
     def counted(group, index, *args, **kwargs):
         dumped.append(index)
         return real_dump_shard(group, index, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.dump, "_dump_shard", counted)
+    monkeypatch.setattr(pipeline.store.dump, "_dump_shard", counted)
     return dumped
 
 
@@ -236,7 +236,7 @@ def test_class_priors_are_exact_over_all_rows_and_views(stage_one_data, store_pa
 
 def test_killed_dump_resumes_to_an_identical_store(stage_one_data, teacher_checkpoint,
                                                    store_path, tmp_path, monkeypatch):
-    real_write_shard = pipeline.dump.write_shard
+    real_write_shard = pipeline.store.dump.write_shard
 
     def killed_mid_shard_2(group, shard_index, **arrays):
         if shard_index == 2:  # part of the shard's data lands, then the process dies
@@ -248,13 +248,13 @@ def test_killed_dump_resumes_to_an_identical_store(stage_one_data, teacher_check
         real_write_shard(group, shard_index, **arrays)
 
     path = tmp_path / "resumed.zarr"
-    monkeypatch.setattr(pipeline.dump, "write_shard", killed_mid_shard_2)
+    monkeypatch.setattr(pipeline.store.dump, "write_shard", killed_mid_shard_2)
     with pytest.raises(Killed):
         dump_to(stage_one_data, teacher_checkpoint, path)
     with pytest.raises(StoreMismatchError, match="incomplete"):
         open_store(str(path))
 
-    monkeypatch.setattr(pipeline.dump, "write_shard", real_write_shard)
+    monkeypatch.setattr(pipeline.store.dump, "write_shard", real_write_shard)
     dumped = count_dumped_shards(monkeypatch)
     dump_to(stage_one_data, teacher_checkpoint, path)
     assert dumped == [2, 3]  # shards 0 and 1 were complete: not recomputed
@@ -266,17 +266,17 @@ def test_killed_dump_resumes_to_an_identical_store(stage_one_data, teacher_check
 
 def test_a_dump_killed_while_writing_the_tail_basis_resumes_to_an_identical_store(
         stage_one_data, teacher_checkpoint, store_path, tmp_path, monkeypatch):
-    real_write_tail_basis = pipeline.dump.write_tail_basis
+    real_write_tail_basis = pipeline.store.dump.write_tail_basis
 
     def killed_after_the_first_array(group, basis):
         group.create_array("tail_mean", data=basis.mean.numpy())  # lands, then the kill
         raise Killed
 
     path = tmp_path / "basis.zarr"
-    monkeypatch.setattr(pipeline.dump, "write_tail_basis", killed_after_the_first_array)
+    monkeypatch.setattr(pipeline.store.dump, "write_tail_basis", killed_after_the_first_array)
     with pytest.raises(Killed):
         dump_to(stage_one_data, teacher_checkpoint, path)
-    monkeypatch.setattr(pipeline.dump, "write_tail_basis", real_write_tail_basis)
+    monkeypatch.setattr(pipeline.store.dump, "write_tail_basis", real_write_tail_basis)
     dump_to(stage_one_data, teacher_checkpoint, path)
     assert_same_store(path, store_path)
 
@@ -285,18 +285,18 @@ def test_rerun_with_other_prior_temperatures_gives_exact_priors(stage_one_data,
                                                                 teacher_checkpoint,
                                                                 replayed_logits, tmp_path,
                                                                 monkeypatch):
-    real_dump_shard = pipeline.dump._dump_shard
+    real_dump_shard = pipeline.store.dump._dump_shard
 
     def dies_at_shard_2(group, index, *args, **kwargs):
         if index == 2:
             raise Killed
         return real_dump_shard(group, index, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.dump, "_dump_shard", dies_at_shard_2)
+    monkeypatch.setattr(pipeline.store.dump, "_dump_shard", dies_at_shard_2)
     path = tmp_path / "temperatures.zarr"
     with pytest.raises(Killed):
         dump_to(stage_one_data, teacher_checkpoint, path)  # priors at T = 1 and 4
-    monkeypatch.setattr(pipeline.dump, "_dump_shard", real_dump_shard)
+    monkeypatch.setattr(pipeline.store.dump, "_dump_shard", real_dump_shard)
     # The user edits logits.prior_temperatures before the rerun: the shards written so far
     # hold no partial sums at T = 2, so they must not be reused.
     raw = with_changes(stage_one_data.raw, "logits", prior_temperatures=[1.0, 2.0])
@@ -325,7 +325,7 @@ def test_ranks_writing_disjoint_shards_give_the_same_store(stage_one_data, teach
                                                            store_path, tmp_path, monkeypatch):
     path = tmp_path / "two_ranks.zarr"
     for rank in (1, 0):  # rank 1 first: rank 0 must still find and finish the same store
-        monkeypatch.setattr(pipeline.dump, "distributed", lambda rank=rank: FakeRank(rank))
+        monkeypatch.setattr(pipeline.store.dump, "distributed", lambda rank=rank: FakeRank(rank))
         dump_logits(stage_one_data.params, "teacher", str(stage_one_data.shards_dir),
                     str(teacher_checkpoint), str(path))
         group = zarr.open_group(str(path), mode="r")
@@ -354,14 +354,14 @@ def test_open_store_refuses_a_mismatch_naming_it(stage_one_data, teacher_checkpo
 
 def test_open_store_refuses_an_incomplete_store(stage_one_data, teacher_checkpoint, tmp_path,
                                                 monkeypatch):
-    real_dump_shard = pipeline.dump._dump_shard
+    real_dump_shard = pipeline.store.dump._dump_shard
 
     def dies_at_shard_1(group, index, *args, **kwargs):
         if index == 1:
             raise Killed
         return real_dump_shard(group, index, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.dump, "_dump_shard", dies_at_shard_1)
+    monkeypatch.setattr(pipeline.store.dump, "_dump_shard", dies_at_shard_1)
     path = tmp_path / "partial.zarr"
     with pytest.raises(Killed):
         dump_to(stage_one_data, teacher_checkpoint, path)
@@ -402,8 +402,8 @@ def test_nan_teacher_stops_the_dump_naming_the_row(stage_one_data, teacher_check
 
 def test_inf_teacher_logit_stops_the_dump_naming_the_row(stage_one_data, teacher_checkpoint,
                                                           tmp_path, monkeypatch):
-    real_teacher_logits = pipeline.dump._teacher_logits
-    real_dump_shard = pipeline.dump._dump_shard
+    real_teacher_logits = pipeline.store.dump._teacher_logits
+    real_dump_shard = pipeline.store.dump._dump_shard
     where = {"shard": None, "view": -1}  # the shard being dumped, its view (calls: view order)
 
     def tracked(group, index, *args, **kwargs):
@@ -418,8 +418,8 @@ def test_inf_teacher_logit_stops_the_dump_naming_the_row(stage_one_data, teacher
                 logits[13 - 8, 2] = float("inf")
         return logits
 
-    monkeypatch.setattr(pipeline.dump, "_dump_shard", tracked)
-    monkeypatch.setattr(pipeline.dump, "_teacher_logits", inf_at_row_13_view_2)
+    monkeypatch.setattr(pipeline.store.dump, "_dump_shard", tracked)
+    monkeypatch.setattr(pipeline.store.dump, "_teacher_logits", inf_at_row_13_view_2)
     path = tmp_path / "inf.zarr"
     with pytest.raises(UserError, match=r"NaN or Inf at row 13, view 2 \(.*train-000001.tar"):
         dump_to(stage_one_data, teacher_checkpoint, path)
@@ -430,7 +430,7 @@ def test_a_top_logit_beyond_float16_is_stored_relative_to_logsumexp(stage_one_da
                                                                      teacher_checkpoint,
                                                                      tmp_path, monkeypatch):
     """Raw logits beyond float16's range store fine: the store keeps log-probabilities."""
-    real_teacher_logits = pipeline.dump._teacher_logits
+    real_teacher_logits = pipeline.store.dump._teacher_logits
 
     def huge_at_row_3(*args, **kwargs):
         logits = real_teacher_logits(*args, **kwargs)  # (n, C); the last shard has 2 rows
@@ -438,7 +438,7 @@ def test_a_top_logit_beyond_float16_is_stored_relative_to_logsumexp(stage_one_da
             logits[3] += 1e5  # finite in float32, beyond float16 as a raw logit
         return logits
 
-    monkeypatch.setattr(pipeline.dump, "_teacher_logits", huge_at_row_3)
+    monkeypatch.setattr(pipeline.store.dump, "_teacher_logits", huge_at_row_3)
     path = tmp_path / "huge.zarr"
     dump_logits(stage_one_data.params, "teacher", str(stage_one_data.shards_dir),
                 str(teacher_checkpoint), str(path))
@@ -541,7 +541,7 @@ def test_rerun_on_a_complete_matching_store_keeps_it_untouched(stage_one_data,
         raise AssertionError("a complete matching store was written to")
 
     for name in ("write_shard", "create_store", "finalize_store", "_dump_shard", "_swap_in"):
-        monkeypatch.setattr(pipeline.dump, name, never)
+        monkeypatch.setattr(pipeline.store.dump, name, never)
     capsys.readouterr()
     dump_to(stage_one_data, teacher_checkpoint, path)
     assert f"{path} is complete and matches this dump; kept as it is" in capsys.readouterr().out
@@ -556,7 +556,7 @@ def test_rerun_with_other_params_builds_a_replacement_and_swaps_it_in(
     shutil.copytree(store_path, path)
     before = file_tree(path)
     params = params_from(with_changes(data.raw, "logits", topk=CLASSES))  # k = C: exact
-    real_write_shard, written = pipeline.dump.write_shard, []
+    real_write_shard, written = pipeline.store.dump.write_shard, []
 
     def killed_at_the_second_shard(group, shard_index, **arrays):
         if written:
@@ -564,7 +564,7 @@ def test_rerun_with_other_params_builds_a_replacement_and_swaps_it_in(
         written.append(shard_index)
         real_write_shard(group, shard_index, **arrays)
 
-    monkeypatch.setattr(pipeline.dump, "write_shard", killed_at_the_second_shard)
+    monkeypatch.setattr(pipeline.store.dump, "write_shard", killed_at_the_second_shard)
     with pytest.raises(Killed):
         dump_to(data, teacher_checkpoint, path, params=params)
     assert written == [0]
@@ -578,7 +578,7 @@ def test_rerun_with_other_params_builds_a_replacement_and_swaps_it_in(
     assert partial.topk == CLASSES and not partial.complete
     assert partial.completed_shards() == {0}
 
-    monkeypatch.setattr(pipeline.dump, "write_shard", real_write_shard)
+    monkeypatch.setattr(pipeline.store.dump, "write_shard", real_write_shard)
     dumped = count_dumped_shards(monkeypatch)
     dump_to(data, teacher_checkpoint, path, params=params)
     assert dumped == [1, 2, 3]  # the replacement resumed: shard 0 was not recomputed
@@ -602,17 +602,17 @@ def test_a_dump_killed_before_swapping_in_its_finished_replacement_completes_on_
     shutil.copytree(store_path, path)
     before = file_tree(path)
     params = params_from(with_changes(data.raw, "logits", topk=CLASSES))
-    real_swap_in = pipeline.dump._swap_in
+    real_swap_in = pipeline.store.dump._swap_in
 
     def killed(*args, **kwargs):
         raise Killed
 
-    monkeypatch.setattr(pipeline.dump, "_swap_in", killed)
+    monkeypatch.setattr(pipeline.store.dump, "_swap_in", killed)
     with pytest.raises(Killed):
         dump_to(data, teacher_checkpoint, path, params=params)
     assert file_tree(path) == before
     assert open_store(f"{path}.next").complete
-    monkeypatch.setattr(pipeline.dump, "_swap_in", real_swap_in)
+    monkeypatch.setattr(pipeline.store.dump, "_swap_in", real_swap_in)
     dump_to(data, teacher_checkpoint, path, params=params)
     assert open_expected(data, teacher_checkpoint, path).topk == CLASSES
     assert sorted(os.listdir(tmp_path)) == ["teacher.zarr"]
@@ -631,7 +631,7 @@ def test_a_dump_killed_midway_through_the_swap_completes_it_on_rerun(
         os.rename(store_path, f"{store_path}.old")  # the old store moved aside, then the kill
         raise Killed
 
-    monkeypatch.setattr(pipeline.dump, "_swap_in", killed_mid_swap)
+    monkeypatch.setattr(pipeline.store.dump, "_swap_in", killed_mid_swap)
     with pytest.raises(Killed):
         dump_to(data, teacher_checkpoint, path, params=params)
     assert sorted(os.listdir(tmp_path)) == ["teacher.zarr.next", "teacher.zarr.old"]

@@ -13,11 +13,11 @@ import webdataset as wds
 from click.testing import CliRunner
 
 from conftest import save_image
-from pipeline.distill import train_teacher
+from pipeline.train.runs import train_teacher
 from pipeline.errors import UserError
 from pipeline.params import Params, ParamsError, load_params, parse
-from pipeline.shards import prepare_shards
-from pipeline.train import load_checkpoint
+from pipeline.data.shards import prepare_shards
+from pipeline.train.loop import load_checkpoint
 from stages.evaluate import main as evaluate_stage
 from stages.prepare import main as prepare_stage
 

@@ -1,4 +1,4 @@
-"""pipeline.evaluate on hand-made logits, and the evaluate stage through click's CliRunner."""
+"""pipeline.train.evaluate on hand-made logits, and the evaluate stage through click's CliRunner."""
 
 import csv
 import json
@@ -8,12 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.distill import model_identity
-from pipeline.evaluate import long_tail_report, predict, write_report
-from pipeline.models import build_model
+from pipeline.train.runs import model_identity
+from pipeline.train.evaluate import long_tail_report, predict, write_report
+from pipeline.train.models import build_model
 from pipeline.params import EvaluateParams, Params, TrainParams
-from pipeline.shards import file_sha256
-from pipeline.stream import eval_loader, split_shards
+from pipeline.data.manifest import file_sha256
+from pipeline.stream.loader import eval_loader, split_shards
 from stages.evaluate import main as evaluate_stage
 from test_stream import IMAGE_SIZE, prepare_tiny_shards
 
@@ -104,7 +104,7 @@ def shards(tmp_path_factory):
 
 
 def save_checkpoint(path, manifest, seed=0):
-    """An untrained resnet8 in pipeline.train's checkpoint format."""
+    """An untrained resnet8 in pipeline.train.loop's checkpoint format."""
     torch.manual_seed(seed)
     settings = TrainParams(arch="resnet8", image_size=IMAGE_SIZE)
     state = {"model": build_model("resnet8", manifest["num_classes"]).state_dict(), "epoch": 0,

@@ -9,11 +9,11 @@ import torch
 
 from helpers_stage_one import (TRAIN_ROWS, params_from, stage_one_data,  # noqa: F401
                                teacher_checkpoint, with_changes)
-from pipeline.distill import train_student
-from pipeline.dump import dump_logits
-from pipeline.shards import load_manifest
+from pipeline.train.runs import train_student
+from pipeline.store.dump import dump_logits
+from pipeline.data.manifest import load_manifest
 from pipeline.store import open_store
-from pipeline.stream import ViewSource, split_shards, train_loader
+from pipeline.stream.loader import ViewSource, split_shards, train_loader
 
 
 @pytest.fixture

@@ -7,13 +7,13 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import glyphs, sources
-from pipeline.cli import cli
+from pipeline.data import glyphs, sources
+from pipeline.tools.cli import cli
 from pipeline.params import DataParams, load_params
-from pipeline.presets import GLYPHS_LT_PARAMS
-from pipeline.shards import prepare_shards
-from pipeline.sources import long_tail_counts
-from pipeline.stream import split_shards
+from pipeline.tools.presets import GLYPHS_LT_PARAMS
+from pipeline.data.shards import prepare_shards
+from pipeline.data.sources import long_tail_counts
+from pipeline.stream.loader import split_shards
 
 SMALL = {"source": "glyphs_lt", "image_size": 16, "imbalance_ratio": 4.0, "val_per_class": 1,
          "test_per_class": 2, "shard_size": 128, "workers": 0}

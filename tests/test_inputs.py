@@ -17,11 +17,12 @@ from PIL import Image
 
 from conftest import save_image
 from pipeline.errors import UserError
-from pipeline.images import viewer_rgb
+from pipeline.data.images import viewer_rgb
 from pipeline.params import DataParams
-from pipeline.shards import load_manifest, prepare_shards, verify_shards
-from pipeline.sources import Item, SourceError, _read_list, encode_item
-from pipeline.stream import CorruptShardError, decode, eval_loader, read_shard, split_shards
+from pipeline.data.shards import prepare_shards
+from pipeline.data.manifest import load_manifest, verify_shards
+from pipeline.data.sources import Item, SourceError, _read_list, encode_item
+from pipeline.stream.loader import CorruptShardError, decode, eval_loader, read_shard, split_shards
 
 
 def prepare(tmp_path, name="shards", **options):

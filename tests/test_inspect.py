@@ -9,7 +9,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.inspect import coverage_stats, inspect_command, topk_mass, view_details
+from pipeline.tools.inspect import coverage_stats, inspect_command, topk_mass, view_details
 from pipeline.store import (CHECKSUMS, create_store, finalize_store, fit_tail_basis, open_store,
                             shard_bounds, verify_store, write_shard, write_tail_basis)
 from pipeline.store.tail import TAIL_STEP, tail_components

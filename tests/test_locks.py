@@ -12,8 +12,8 @@ import pytest
 
 from pipeline.locks import LockedError, exclusive_writer
 from pipeline.params import DataParams
-from pipeline.shards import prepare_shards
-from pipeline.train import TrainRun, fit
+from pipeline.data.shards import prepare_shards
+from pipeline.train.loop import TrainRun, fit
 
 REPO = Path(__file__).resolve().parents[1]
 

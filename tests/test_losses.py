@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
+from pipeline.train.losses import (
     OBJECTIVES,
     ClassPriorAccumulator,
     IKLDivergenceKD,

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from pipeline.models import ARCHITECTURES, architectures, build_model
+from pipeline.train.models import ARCHITECTURES, architectures, build_model
 
 CHEAP = [name for name in ARCHITECTURES if name != "resnext101_32x4d"]
 

@@ -7,9 +7,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from pipeline.tools.cli import cli
 from pipeline.params import Params, check_consistency, parse
-from pipeline.presets import SMOKE_PARAMS
+from pipeline.tools.presets import SMOKE_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = sorted(path.stem for path in (REPO / "stages").glob("*.py") if path.stem != "__init__")

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.params import EvaluateParams
-from pipeline.plots import plot_per_class, read_curve, read_per_class
+from pipeline.tools.plots import plot_per_class, read_curve, read_per_class
 from stages.figures import main as figures_stage
 
 REPO = Path(__file__).resolve().parents[1]

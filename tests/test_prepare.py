@@ -8,9 +8,10 @@ from click.testing import CliRunner
 
 from conftest import save_image
 from pipeline.params import DataParams
-from pipeline.shards import load_manifest, prepare_shards
-from pipeline.sources import SourceError, long_tail_counts
-from pipeline.stream import split_shards
+from pipeline.data.shards import prepare_shards
+from pipeline.data.manifest import load_manifest
+from pipeline.data.sources import SourceError, long_tail_counts
+from pipeline.stream.loader import split_shards
 from stages.prepare import main as prepare_stage
 
 

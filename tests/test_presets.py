@@ -1,10 +1,10 @@
 import yaml
 from click.testing import CliRunner
 
-from pipeline.cli import cli
-from pipeline.distill import student_objective
+from pipeline.tools.cli import cli
+from pipeline.train.runs import student_objective
 from pipeline.params import Params, check_consistency, parse
-from pipeline.presets import (BASE_PARAMS, IMAGENET_LT_ROWS, OFFICIAL_REPOSITORY,
+from pipeline.tools.presets import (BASE_PARAMS, IMAGENET_LT_ROWS, OFFICIAL_REPOSITORY,
                               apply_overrides, exp_run_command)
 
 X101 = "resnext101_32x4d"

@@ -10,10 +10,10 @@ import pytest
 import torch
 import zarr
 
-from pipeline.augment import draw_views, pixel_box
+from pipeline.stream.augment import draw_views, pixel_box
 from pipeline.errors import UserError
-from pipeline.inspect import store_summary
-from pipeline.losses import ikl_kd_loss, kl_kd_loss
+from pipeline.tools.inspect import store_summary
+from pipeline.train.losses import ikl_kd_loss, kl_kd_loss
 from pipeline.store import (
     DEFAULT_MAX_IMAGE_SIDE, FORMAT_VERSION, LOGSUMEXP_KEEPBITS, MAX_SUPPORTED_IMAGE_SIDE,
     ClassPriorNotFoundError, StoreCorruptError, StoreMismatchError, box_scale, check_image_sides,

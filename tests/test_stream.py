@@ -1,4 +1,4 @@
-"""Stage two's stream (pipeline.stream) on tiny digits-LT shards and hand-made logit stores.
+"""Stage two's stream (pipeline.stream.loader) on tiny digits-LT shards and hand-made logit stores.
 
 The stores here are written with pipeline.store directly, from full logits whose stored fields
 name their row and view (top log-probability -(1 + (4 r + v) / 1024), exact in float16;
@@ -15,15 +15,15 @@ import pytest
 import torch
 import webdataset as wds
 
-from pipeline.augment import CropSpec, apply_view, draw_views
+from pipeline.stream.augment import CropSpec, apply_view, draw_views
 from pipeline.errors import UserError
 from pipeline.params import DataParams
-from pipeline.shards import prepare_shards
+from pipeline.data.shards import prepare_shards
 from pipeline.store import (LOGIT_FIELDS, StoreMismatchError, create_store, finalize_store,
                             fit_tail_basis, open_store, shard_bounds, teacher_logits_from_fields,
                             write_shard, write_tail_basis)
 from pipeline.store.tail import TAIL_STEP, tail_components
-from pipeline.stream import (FRESH_VIEW_OFFSET, ViewSource, decode, split_shards,
+from pipeline.stream.loader import (FRESH_VIEW_OFFSET, ViewSource, decode, split_shards,
                              train_loader)
 
 SEED = 0

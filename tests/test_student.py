@@ -1,4 +1,4 @@
-"""train_student (pipeline.distill) end to end on tiny digits-LT shards, against a real dump.
+"""train_student (pipeline.train.runs) end to end on tiny digits-LT shards, against a real dump.
 
 One module fixture runs stage one for real on 86 rows: prepare, a 1-epoch resnet8 teacher,
 dump_logits with k = C = 10 and the teacher's image size equal to the student's, so the cache is
@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.distill
+import pipeline.train.runs
 
-from pipeline.augment import normalize
-from pipeline.distill import (CachedTeacher, OnlineTeacher, _run, crop_spec, load_model,
+from pipeline.stream.augment import normalize
+from pipeline.train.runs import (CachedTeacher, OnlineTeacher, _run, crop_spec, load_model,
                               student_objective, train_student, train_teacher)
-from pipeline.dump import dump_logits
-from pipeline.losses import PreviousEpochPrior
+from pipeline.store.dump import dump_logits
+from pipeline.train.losses import PreviousEpochPrior
 from pipeline.params import Params, ParamsError, check_consistency, parse, to_dict
-from pipeline.shards import file_sha256
+from pipeline.data.manifest import file_sha256
 from pipeline.store import StoreMismatchError, open_store
 from pipeline.store.tail import TAIL_STEP
-from pipeline.stream import ViewSource, split_shards, train_loader
-from pipeline.train import CHECKPOINT, load_checkpoint
+from pipeline.stream.loader import ViewSource, split_shards, train_loader
+from pipeline.train.loop import CHECKPOINT, load_checkpoint
 from test_stream import IMAGE_SIZE, SEED, prepare_tiny_shards, write_row_coded_store
 
 NUM_CLASSES = 10
@@ -336,7 +336,7 @@ def test_student_seed_sets_initial_weights_and_row_order_but_not_the_views(stage
                                               for key in batches[0]})
         return {}
 
-    monkeypatch.setattr(pipeline.distill, "fit", start_only)
+    monkeypatch.setattr(pipeline.train.runs, "fit", start_only)
     for seed in (None, SEED, SEED + 5):
         train_student(tiny_params(loss="kl", seed=seed, drop_last=False), shards_dir,
                       store_path, checkpoint, str(tmp_path / f"s{seed}"), str(tmp_path / "l"))

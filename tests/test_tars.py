@@ -1,4 +1,4 @@
-"""pipeline.tars, the direct tar reader, against Python's tarfile and webdataset's expander:
+"""pipeline.stream.tars, the direct tar reader, against Python's tarfile and webdataset's expander:
 the same (name, bytes) on the project's own shards and on archives in every format tarfile
 writes; clear errors on what it refuses or cannot parse."""
 
@@ -8,8 +8,8 @@ import tarfile
 import pytest
 from webdataset.tariterators import tar_file_expander
 
-from pipeline.shards import prepare_shards
-from pipeline.tars import TarFormatError, tar_members
+from pipeline.data.shards import prepare_shards
+from pipeline.stream.tars import TarFormatError, tar_members
 from test_stream import tiny_data_params
 
 

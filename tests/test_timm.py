@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from helpers_stage_one import params_from, stage_one_data, with_changes  # noqa: F401
-from pipeline.distill import load_model, train_teacher
+from pipeline.train.runs import load_model, train_teacher
 from pipeline.errors import UserError
-from pipeline.models import build_model, classifier_head, load_weights
+from pipeline.train.models import build_model, classifier_head, load_weights
 
 # In the `test` extra, so the README's test command runs these; skip only without it.
 timm = pytest.importorskip(

@@ -1,4 +1,4 @@
-"""The shared training loop (pipeline/train.py) through the teacher stage on a tiny real
+"""The shared training loop (pipeline/train/loop.py) through the teacher stage on a tiny real
 dataset: checkpoints, resume after a crash to the same bits, no resume across a changed
 identity, the warm-up + cosine schedule, and the train_teacher stage CLI."""
 
@@ -10,14 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import pipeline.distill
-import pipeline.train
+import pipeline.train.runs
+import pipeline.train.loop
 from helpers_stage_one import (  # noqa: F401 (fixtures)
     TRAIN_ROWS, params_from, stage_one_data, with_changes, write_params_file)
-from pipeline.distill import load_model, train_teacher
-from pipeline.evaluate import evaluate_checkpoint
+from pipeline.train.runs import load_model, train_teacher
+from pipeline.train.evaluate import evaluate_checkpoint
 from pipeline.params import TrainParams, to_dict
-from pipeline.train import CHECKPOINT, _warmup_cosine, epoch_lr_factor, lr_factor
+from pipeline.train.loop import CHECKPOINT, _warmup_cosine, epoch_lr_factor, lr_factor
 from stages.train_teacher import main as train_main
 
 EPOCHS, BATCH_SIZE, LR = 2, 8, 0.05  # toy teachers.teacher
@@ -57,8 +57,8 @@ class TrainingSpy:
 
 @pytest.fixture
 def spy(monkeypatch):
-    spy = TrainingSpy(pipeline.train.fit)
-    monkeypatch.setattr(pipeline.distill, "fit", spy.fit)
+    spy = TrainingSpy(pipeline.train.loop.fit)
+    monkeypatch.setattr(pipeline.train.runs, "fit", spy.fit)
     return spy
 
 

@@ -10,15 +10,15 @@ import torchvision
 from click.testing import CliRunner
 
 from helpers_stage_one import params_from, stage_one_data, with_changes  # noqa: F401
-from pipeline.distill import load_model, train_teacher
-from pipeline.dump import dump_logits
+from pipeline.train.runs import load_model, train_teacher
+from pipeline.store.dump import dump_logits
 from pipeline.errors import UserError
-from pipeline.evaluate import evaluate_checkpoint, predict
-from pipeline.models import build_model, classifier_head, load_weights, read_state_dict
-from pipeline.shards import file_sha256
+from pipeline.train.evaluate import evaluate_checkpoint, predict
+from pipeline.train.models import build_model, classifier_head, load_weights, read_state_dict
+from pipeline.data.manifest import file_sha256
 from pipeline.store import open_store
-from pipeline.stream import eval_loader, split_shards
-from pipeline.train import load_checkpoint
+from pipeline.stream.loader import eval_loader, split_shards
+from pipeline.train.loop import load_checkpoint
 from stages.train_teacher import main as train_teacher_stage
 
 NUM_CLASSES = 3  # the toy data of helpers_stage_one

@@ -190,7 +190,7 @@ def teacher_logits_from_fields(fields: Mapping[str, torch.Tensor], num_classes: 
 
 def box_scale(max_image_side: int) -> int:
     """Fixed-point scale Q (a power of two) of the stored boxes: a box value v is kept as
-    q = round(v * Q) in uint16, and `pipeline.augment.pixel_box` recovers the exact integer box
+    q = round(v * Q) in uint16, and `pipeline.stream.augment.pixel_box` recovers the exact integer box
     from q / Q on every image whose sides are at most `max_image_side`.
 
     Why exact: v = float32(t / H) for integers 0 <= t <= H, so |v - t/H| <= 2**-25, and q / Q is

@@ -5,7 +5,7 @@ after all ranks finish).
 `create_store` on an existing incomplete store with identical attributes reopens it, so a crashed
 dump resumes with the shards not in `completed_shards`; any difference, or an already complete
 store, raises StoreMismatchError rather than overwriting silently (the dump builds a replacement
-beside it instead, see pipeline/dump.py). A shard is written whole: its data, its checksums, then
+beside it instead, see pipeline/store/dump.py). A shard is written whole: its data, its checksums, then
 its completion marker, so a crash mid-write leaves it marked incomplete.
 """
 from __future__ import annotations

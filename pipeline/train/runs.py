@@ -8,20 +8,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.augment import DECODE, CropSpec
-from pipeline.checkpoints import load_model
-from pipeline.device_decode import (check_replay_decode, decode_path, decode_summary,
+from pipeline.stream.augment import DECODE, CropSpec
+from pipeline.train.checkpoints import load_model
+from pipeline.stream.device_decode import (check_replay_decode, decode_path, decode_summary,
                                     warn_if_decoded_elsewhere)
 from pipeline.errors import UserError
-from pipeline.losses import DistillationObjective, PreviousEpochPrior, distillation_objective
-from pipeline.models import build_model, load_weights
+from pipeline.train.losses import DistillationObjective, PreviousEpochPrior, distillation_objective
+from pipeline.train.models import build_model, load_weights
 from pipeline.params import AugmentParams, Params, StudentParams, TrainParams, to_dict
-from pipeline.shards import file_sha256, load_manifest
+from pipeline.data.manifest import file_sha256, load_manifest
 from pipeline.store import (LOGIT_FIELDS, LogitStore, TailBasis, open_store,
                             teacher_logits_from_fields)
 from pipeline.distributed import distributed
-from pipeline.stream import ViewSource, epoch_steps, eval_loader, split_shards, train_loader
-from pipeline.train import TrainRun, fit
+from pipeline.stream.loader import ViewSource, epoch_steps, eval_loader, split_shards, train_loader
+from pipeline.train.loop import TrainRun, fit
 
 
 # Store attributes that change what a student learns (its resume identity includes them).

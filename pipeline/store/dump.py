@@ -18,23 +18,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.augment import CropSpec, draw_views, normalize
-from pipeline.device_decode import (DEVICE_DECODE, cut_views, decode_on_device, decode_path,
+from pipeline.stream.augment import CropSpec, draw_views, normalize
+from pipeline.stream.device_decode import (DEVICE_DECODE, cut_views, decode_on_device, decode_path,
                                     decode_summary, worker_payload)
-from pipeline.distill import crop_spec, load_model
+from pipeline.train.runs import crop_spec, load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
 from pipeline.locks import exclusive_writer
-from pipeline.losses import ClassPriorAccumulator
+from pipeline.train.losses import ClassPriorAccumulator
 from pipeline.params import Params
-from pipeline.shards import file_sha256, load_manifest
+from pipeline.data.manifest import file_sha256, load_manifest
 from pipeline.store import (TAIL_FIT_ROWS, TailBasis, check_image_sides, completed_shards,
                             create_prior_partials, create_store, drop_prior_partials,
                             finalize_store, fit_tail_basis, has_tail, identity, open_existing,
                             reduce_prior_partials, store_identity, verify_store,
                             write_prior_partials, write_shard, write_tail_basis)
 from pipeline.store.tail import tail_components
-from pipeline.stream import Shard, SourceImage, read_shard, split_shards
+from pipeline.stream.loader import Shard, SourceImage, read_shard, split_shards
 
 
 def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: str,
@@ -72,7 +72,7 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
         "prior_temperatures": sorted(float(t) for t in settings.prior_temperatures),
         # The store encodes boxes exactly up to this side; smaller sides, fewer bytes.
         "max_image_side": manifest["splits"]["train"]["max_image_side"],
-        # how views become pixels (pipeline/device_decode.py): the student's, so its replay is
+        # how views become pixels (pipeline/stream/device_decode.py): the student's, so its replay is
         # the teacher's pixels; part of the identity, a change re-dumps
         "decode": decode,
     }

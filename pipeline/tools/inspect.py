@@ -14,8 +14,8 @@ import fsspec
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.shards import verify_shards
-from pipeline.device_decode import describe_decode
+from pipeline.data.manifest import verify_shards
+from pipeline.stream.device_decode import describe_decode
 from pipeline.store import MARKERS, LogitStore, open_store, verify_store
 
 PERCENTILES = (1, 10, 50, 90)

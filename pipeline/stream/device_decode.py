@@ -2,9 +2,9 @@
 the encoded bytes and the cached logits; the trainer decodes a batch's JPEGs where it trains.
 
 Two decode paths exist, and a store records the one its dump used (attribute `decode`):
-- the CPU path (`pipeline.augment.DECODE`, "pil-draft-v1"): each worker decodes with Pillow,
+- the CPU path (`pipeline.stream.augment.DECODE`, "pil-draft-v1"): each worker decodes with Pillow,
   a JPEG at a DCT draft scale when the crop is large enough, and cuts the view
-  (`pipeline.stream.SourceImage`);
+  (`pipeline.stream.loader.SourceImage`);
 - the device path (`DEVICE_DECODE`): the workers ship a JPEG's bytes as they are (any other
   image they decode, losslessly, to its pixels), and the trainer decodes a batch's JPEGs in
   one `torchvision.io.decode_jpeg` call on its device (nvJPEG on CUDA, libjpeg-turbo on the
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.augment import DECODE, apply_view
+from pipeline.stream.augment import DECODE, apply_view
 from pipeline.errors import UserError
 
 DEVICE_DECODE = "torchvision-full-v1"  # recorded in the store: full-size decode, apply_view
@@ -110,7 +110,7 @@ def warn_if_decoded_elsewhere(store_path: str, recorded_device: str | None, path
 
 
 def worker_payload(image) -> Payload:
-    """What a DataLoader worker ships for one `pipeline.stream.SourceImage` on the device path:
+    """What a DataLoader worker ships for one `pipeline.stream.loader.SourceImage` on the device path:
     a JPEG's encoded bytes as stored, any other image decoded to (3, H, W) uint8."""
     return image.data if image.jpeg else image.full()
 

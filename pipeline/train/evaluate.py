@@ -11,14 +11,14 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from pipeline.augment import normalize
-from pipeline.checkpoints import load_model
+from pipeline.stream.augment import normalize
+from pipeline.train.checkpoints import load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
 from pipeline.params import EvaluateParams
-from pipeline.plots import plot_per_class, read_per_class
-from pipeline.shards import file_sha256, load_manifest
-from pipeline.stream import eval_loader, split_shards
+from pipeline.tools.plots import plot_per_class, read_per_class
+from pipeline.data.manifest import file_sha256, load_manifest
+from pipeline.stream.loader import eval_loader, split_shards
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Checkpoints: what `pipeline.train.fit` writes every epoch, and the trained model they hold.
+"""Checkpoints: what `pipeline.train.loop.fit` writes every epoch, and the trained model they hold.
 
 A checkpoint is a dict of tensors and plain data (model, optimizer, scheduler, epoch, metrics
 and the run's identity: arch, num_classes, small_input, fingerprint, params), loaded with
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.models import build_model
+from pipeline.train.models import build_model
 
 CHECKPOINT = "checkpoint.pt"
 

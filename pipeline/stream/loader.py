@@ -18,11 +18,11 @@ drops its short last batch, as the official loader (DistributedSampler + drop_la
 A batch is a dict of tensors: `images` (B, 3, S, S) uint8 (on the device decode path instead
 `payloads`, a list of B encoded JPEGs or decoded other images, `boxes` (B, 4) float32 and
 `flips` (B,) bool, turned into images on the training device by
-pipeline.device_decode.batch_pixels), `labels` (B,) int64, `rows` (B,) int64, and for a
+pipeline.stream.device_decode.batch_pixels), `labels` (B,) int64, `rows` (B,) int64, and for a
 student the store's fields of its teacher logits (pipeline.store.LOGIT_FIELDS):
 `topk_log_probs` (B, k) float16, `topk_classes` (B, k) int64, `logsumexp` (B,) float32 and, with
 a quantised tail, `tail_codes` (B, C) uint8 and `tail_floor` (B,) float16; the trainer decodes
-them into (B, C) logits on its device (pipeline.distill.CachedTeacher).
+them into (B, C) logits on its device (pipeline.train.runs.CachedTeacher).
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, default_collate
 from webdataset.tariterators import group_by_keys
 
-from pipeline.augment import (DECODE, CropSpec, apply_view, apply_view_drafted, draft_scale,
+from pipeline.stream.augment import (DECODE, CropSpec, apply_view, apply_view_drafted, draft_scale,
                               draw_views, eval_view)
-from pipeline.device_decode import DEVICE_DECODE, worker_payload
+from pipeline.stream.device_decode import DEVICE_DECODE, worker_payload
 from pipeline.errors import UserError
-from pipeline.shards import shard_url
+from pipeline.data.manifest import shard_url
 from pipeline.store import LOGIT_FIELDS
-from pipeline.tars import tar_members
+from pipeline.stream.tars import tar_members
 
 SHUFFLE_BUFFER = 2000  # samples (still encoded): a few shards' worth mixes classes well
 WORKER_CHUNK = 64  # samples a worker sends at once: few transfers, exact batches after
@@ -126,7 +126,7 @@ def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
                  decode: str = DECODE) -> EpochBatches:
     """One epoch of training batches for this rank (see the module docstring). `decode`: the
     decode path, DECODE (the workers decode and cut the views: `images`) or DEVICE_DECODE (they
-    ship `payloads`, `boxes` and `flips` for pipeline.device_decode.batch_pixels)."""
+    ship `payloads`, `boxes` and `flips` for pipeline.stream.device_decode.batch_pixels)."""
     if decode not in (DECODE, DEVICE_DECODE):
         raise ValueError(f"unknown decode path {decode!r}")
     order = np.random.default_rng([views.order_seed, views.epoch]).permutation(len(shards))
@@ -261,7 +261,7 @@ def read_shard(shard: Shard):
 
 def _read_samples(sources):
     """Stage: the samples of each segment, its tar opened through fsspec (any local path or
-    URL fsspec knows: file://, s3://, gs://, memory://, ...) and read by pipeline.tars (about
+    URL fsspec knows: file://, s3://, gs://, memory://, ...) and read by pipeline.stream.tars (about
     5x cheaper a member than tarfile: benchmarks/decode_steps.py). A shard that cannot be read
     stops the run naming it (CorruptShardError)."""
     for source in sources:
@@ -304,7 +304,7 @@ def _rgb_tensor(image: Image.Image) -> torch.Tensor:
 class SourceImage:
     """One sample's encoded image, decoded lazily, once per JPEG draft scale its views need:
     the one decode path of the teacher's dump and the student's replay, so the same view of
-    the same row is the same pixels in both (pipeline.augment.DECODE; tests/test_decode.py).
+    the same row is the same pixels in both (pipeline.stream.augment.DECODE; tests/test_decode.py).
     `height`, `width`: the source image's size (from its header, read once: the first decode
     reuses the opened file)."""
 
@@ -456,7 +456,7 @@ def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:
 def _training_samples(image_size: int, decode: str = DECODE):
     """Stage: one training sample per attached view. On the CPU path (DECODE) the view is cut
     here, each image decoded once per draft scale; on the device path it carries the image
-    still encoded (`pipeline.device_decode.worker_payload`, one object for all its views) with
+    still encoded (`pipeline.stream.device_decode.worker_payload`, one object for all its views) with
     the view's box and flip."""
 
     def stage(samples):

@@ -2,12 +2,9 @@
 
 import click
 
-from pipeline.errors import UserError
+from pipeline.entry import HELP_OPTIONS
 
-HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # click context_settings: -h and --help
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings=HELP_OPTIONS)
 def cli() -> None:
     """Decoupled-KL (IKL) distillation on long-tailed data with cached teacher logits.
 
@@ -15,40 +12,15 @@ def cli() -> None:
     """
 
 
-def run_stage(main):
-    """Decorator for stage commands: a UserError exits with its one-line message."""
-    import functools
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except (UserError, FileNotFoundError) as error:
-            raise click.ClickException(str(error)) from None
-
-    return wrapper
-
-
-def check_tracked_weights(weights: str, folder: str, key_path: str) -> None:
-    """A model's weights file must lie in `folder`, the folder dvc.yaml declares as the
-    stage's dependency, so that DVC retrains when the file changes (a symlink there works)."""
-    import os
-
-    inside = os.path.abspath(weights).startswith(os.path.abspath(folder) + os.sep)
-    if weights and not inside:
-        raise UserError(f"{key_path}.weights: {weights} is outside {folder}/, the folder DVC "
-                        f"tracks for this stage; move the file (or a symlink to it) there")
-
-
 @cli.command()
 def presets() -> None:
     """Print how to apply the smoke preset, and the official DKL ImageNet-LT runs, one per
     official script, as `dvc exp run` commands.
 
-    For ImageNet-LT, first copy pipeline/presets/imagenet_lt.yaml over params.yaml and set
+    For ImageNet-LT, first copy pipeline/tools/presets/imagenet_lt.yaml over params.yaml and set
     its data paths.
     """
-    from pipeline.presets import BASE_PARAMS, IMAGENET_LT_ROWS, describe, exp_run_command
+    from pipeline.tools.presets import BASE_PARAMS, IMAGENET_LT_ROWS, describe, exp_run_command
 
     _echo_smoke()
     _echo_glyphs()
@@ -60,7 +32,7 @@ def presets() -> None:
 
 def _echo_smoke() -> None:
     """How to apply the smoke preset (and undo it: it rewrites the committed results)."""
-    from pipeline.presets import SMOKE_PARAMS
+    from pipeline.tools.presets import SMOKE_PARAMS
 
     click.echo(f"# smoke test: every stage in tiny settings (about 46 s of CPU time):\n"
                f"#   cp {SMOKE_PARAMS} params.yaml && dvc repro\n"
@@ -69,7 +41,7 @@ def _echo_smoke() -> None:
 
 def _echo_glyphs() -> None:
     """How to apply the embedded 100-class preset."""
-    from pipeline.presets import GLYPHS_LT_PARAMS
+    from pipeline.tools.presets import GLYPHS_LT_PARAMS
 
     click.echo("\n# glyphs-LT: 100 characters rendered from bundled fonts, long-tailed; "
                "CPU only; nothing to download:\n"
@@ -77,7 +49,7 @@ def _echo_glyphs() -> None:
 
 
 def _register_commands() -> None:
-    from pipeline.inspect import inspect_command
+    from pipeline.tools.inspect import inspect_command
 
     cli.add_command(inspect_command, name="inspect")
 

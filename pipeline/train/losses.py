@@ -51,7 +51,7 @@ float32 rounding.
 Paper presets (ImageNet-LT, `sh/Distill/*.sh` of both versions). Shared by all rows: SGD lr 0.05
 at a global batch of 128 (4 GPUs x 32), momentum 0.9, weight decay 5e-4, 90 epochs, 10 warm-up
 epochs then cosine per epoch, RandomResizedCrop 224 + flip, T = 1, CE on the label with weight
-1, fp32. Runnable as params: pipeline/presets (one source of truth).
+1, fp32. Runnable as params: pipeline/tools/presets (one source of truth).
 
     teacher -> student          loss  options
     ResNeXt101-32x4d -> ResNet18  kl    weight 4

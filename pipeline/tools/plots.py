@@ -33,7 +33,7 @@ class PerClass:
 
 
 def read_per_class(path: str | Path, label: str) -> PerClass:
-    """A per_class.csv written by pipeline.evaluate.write_report."""
+    """A per_class.csv written by pipeline.train.evaluate.write_report."""
     with open(path, newline="") as stream:
         rows = list(csv.DictReader(stream))
     return PerClass(label, [int(row["train_count"]) for row in rows],

@@ -1,7 +1,7 @@
 """The one training loop, shared by teachers and students.
 
 SGD with momentum and weight decay, linear warm-up then cosine (per step, or per epoch as the
-official DKL script), the objective from pipeline.losses, validation every epoch (and the test
+official DKL script), the objective from pipeline.train.losses, validation every epoch (and the test
 split too when asked), a checkpoint every epoch (model, optimizer, scheduler, epoch, params,
 dataset fingerprint, the GI prior of the previous epoch) and resume from it after a crash, a
 progress bar, and per-epoch metrics and plots through dvclive. On CUDA: bf16 autocast unless
@@ -23,12 +23,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pipeline.augment import normalize
-from pipeline.device_decode import batch_pixels
-from pipeline.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
+from pipeline.stream.augment import normalize
+from pipeline.stream.device_decode import batch_pixels
+from pipeline.train.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipeline.distributed import Distributed, distributed
-from pipeline.evaluate import predict, top_k_accuracy
-from pipeline.losses import DistillationObjective, PreviousEpochPrior
+from pipeline.train.evaluate import predict, top_k_accuracy
+from pipeline.train.losses import DistillationObjective, PreviousEpochPrior
 from pipeline.locks import exclusive_writer
 from pipeline.params import TrainParams
 

@@ -1,7 +1,7 @@
 """Data sources: each turns its input into lists of `Item`s per split, ready to encode.
 
 A source only lists images and labels (cheap, in this process); `encode_item` reads, checks and
-encodes one image and runs in worker processes (see pipeline/shards.py). Train items are
+encodes one image and runs in worker processes (see pipeline/data/shards.py). Train items are
 shuffled once with the params seed, so every WebDataset shard holds a mix of classes.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import UserError
-from pipeline.images import is_plain, viewer_rgb
+from pipeline.data.images import is_plain, viewer_rgb
 from pipeline.params import DataParams
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -107,7 +107,7 @@ def glyphs_split_counts(params: DataParams) -> dict[str, list[int]]:
     (n_max = glyphs.MAX_TRAIN_PER_CLASS, ratio data.imbalance_ratio: 100 in the preset, as
     CIFAR-100-LT), data.val_per_class and data.test_per_class for the balanced val and test
     splits. Cheap: nothing is rendered."""
-    from pipeline import glyphs
+    from pipeline.data import glyphs
 
     classes = len(glyphs.CHARACTERS)
     counts = {"train": long_tail_counts(glyphs.MAX_TRAIN_PER_CLASS, classes,
@@ -118,10 +118,10 @@ def glyphs_split_counts(params: DataParams) -> dict[str, list[int]]:
 
 
 def _glyphs_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
-    """Characters rendered from matplotlib's bundled fonts (pipeline/glyphs.py) at
+    """Characters rendered from matplotlib's bundled fonts (pipeline/data/glyphs.py) at
     data.image_size, every sample keyed by the params seed (the entropy `rng` was made from).
     Item paths are `glyphs/SPLIT/LABEL/INDEX`; labels follow glyphs.CHARACTERS."""
-    from pipeline import glyphs
+    from pipeline.data import glyphs
 
     seed = rng.bit_generator.seed_seq.entropy
     splits = {}
@@ -406,7 +406,7 @@ def _existing_dir(path: str, what: str) -> Path:
 def encode_item(item: Item, max_side: int, jpeg_quality: int) -> Encoded | str:
     """Read, check and encode one image; a string says why it could not be read. The shard
     gets the file's own bytes when they already decode to what a viewer shows
-    (pipeline.images.is_plain), else the viewer's 8-bit RGB picture as PNG; images larger
+    (pipeline.data.images.is_plain), else the viewer's 8-bit RGB picture as PNG; images larger
     than `max_side` are scaled down and stored as JPEG."""
     if item.pixels is not None:  # in-memory sources are small: lossless PNG
         image = Image.fromarray(item.pixels)

@@ -1,0 +1,32 @@
+"""What every stage script (stages/*.py) shares: -h and --help, user errors as one line, the
+weights-folder check. Kept apart from the tools so a stage's import closure stays small."""
+
+import functools
+import os
+
+import click
+
+from pipeline.errors import UserError
+
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # click context_settings: -h and --help
+
+
+def run_stage(main):
+    """Decorator for stage commands: a UserError exits with its one-line message."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (UserError, FileNotFoundError) as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+def check_tracked_weights(weights: str, folder: str, key_path: str) -> None:
+    """A model's weights file must lie in `folder`, the folder dvc.yaml declares as the
+    stage's dependency, so that DVC retrains when the file changes (a symlink there works)."""
+    inside = os.path.abspath(weights).startswith(os.path.abspath(folder) + os.sep)
+    if weights and not inside:
+        raise UserError(f"{key_path}.weights: {weights} is outside {folder}/, the folder DVC "
+                        f"tracks for this stage; move the file (or a symlink to it) there")
