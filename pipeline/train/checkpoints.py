@@ -4,10 +4,18 @@ A checkpoint is a dict of tensors and plain data (model, optimizer, scheduler, e
 and the run's identity: arch, num_classes, small_input, fingerprint, params), loaded with
 `weights_only=True`. Training, the dump and evaluation all read it through here, so none of
 them imports another to load a model.
+
+Integrity: `save_checkpoint` adds INTEGRITY, the sha256 of everything else in the dict (every
+tensor's dtype, shape and bytes, every plain value), and `load_checkpoint` recomputes it on every
+load and resume. A flipped byte either breaks the file (torch cannot read it) or changes a value
+and with it the digest: both are one line naming the file, and the checkpoint is never used.
+(The zip format torch writes has CRCs, but torch does not check them.) A checkpoint without the
+record (saved by hand, or by an older version of this project) is loaded as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -19,13 +27,14 @@ from pipeline.errors import UserError
 from pipeline.train.models import build_model
 
 CHECKPOINT = "checkpoint.pt"
+INTEGRITY = "integrity_sha256"  # the entry that holds `state_digest` of the rest
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write `state` to `path` atomically: a crash mid-save never leaves a torn checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    torch.save(state, partial)
+    torch.save({**state, INTEGRITY: state_digest(state)}, partial)
     os.replace(partial, path)
 
 
@@ -41,13 +50,45 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path}: not a checkpoint this project wrote, or unsafe to load "
                         f"(torch.load(weights_only=True) refused it: {_reason(error)}); use "
                         "the checkpoint.pt a training stage wrote") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as error:  # torn, not torch
+    # A damaged file can fail anywhere inside torch's reader (zip records, pickle opcodes,
+    # storage sizes), with any exception type: all mean the same to the user.
+    except Exception as error:  # noqa: BLE001
         raise UserError(f"{path}: damaged or not a PyTorch checkpoint ({_reason(error)}); "
-                        "delete it and rerun its training stage") from None
+                        "delete it and rerun its training stage (dvc repro)") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path}: not a checkpoint this project wrote (no 'model' entry); "
                         "use the checkpoint.pt a training stage wrote")
+    recorded = state.pop(INTEGRITY, None)
+    if recorded is not None and recorded != state_digest(state):
+        raise UserError(f"{path}: damaged (its contents no longer match the sha256 recorded "
+                        "when it was saved); delete it and rerun its training stage (dvc repro)")
     return state
+
+
+def state_digest(state: dict) -> str:
+    """sha256 over a checkpoint's contents in a fixed order: tensors by dtype, shape and bytes,
+    plain values by type and repr, mappings by sorted key."""
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor:{value.dtype}:{tuple(value.shape)}:".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"dict:{len(value)}:".encode())
+            for key in sorted(value, key=repr):
+                digest.update(f"{key!r}=".encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__}:{len(value)}:".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+    feed(state)
+    return digest.hexdigest()
 
 
 def _reason(error: Exception) -> str:
@@ -57,7 +98,11 @@ def _reason(error: Exception) -> str:
         if "WeightsUnpickler error:" in line:  # which global weights_only refused
             text = line.split("WeightsUnpickler error:", 1)[1]
             break
-    return text.strip().split(". ")[0].split("\n")[0][:200] or type(error).__name__
+    first = text.strip().split(". ")[0].split("\n")[0][:200]
+    if "weights_only" in first or "Weights only" in first:
+        # never relay torch's advice to load with weights_only=False: it runs the file's code
+        return "it holds objects other than tensors and plain data"
+    return first or type(error).__name__
 
 
 def load_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict]:

@@ -15,7 +15,8 @@ from pipeline.stream.device_decode import (check_replay_decode, decode_path, dec
 from pipeline.errors import UserError
 from pipeline.train.losses import DistillationObjective, PreviousEpochPrior, distillation_objective
 from pipeline.train.models import build_model, load_weights
-from pipeline.params import AugmentParams, Params, StudentParams, TrainParams, to_dict
+from pipeline.params import (AugmentParams, Params, StudentParams, TrainParams, check_against_data,
+                             to_dict)
 from pipeline.data.manifest import file_sha256, load_manifest
 from pipeline.store import (LOGIT_FIELDS, LogitStore, TailBasis, open_store,
                             teacher_logits_from_fields)
@@ -53,10 +54,9 @@ def train_teacher(params: Params, name: str, shards_dir: str, out_dir: str,
     """Train `teachers[name]` with CE; checkpoint in out_dir, dvclive output in live_dir."""
     settings = params.teachers[name]
     manifest = load_manifest(shards_dir)
-    if params.logits.topk > manifest["num_classes"]:  # else the dump fails after training
-        raise UserError(f"logits.topk: {params.logits.topk} exceeds the "
-                        f"{manifest['num_classes']} classes of {shards_dir}; set logits.topk "
-                        f"<= {manifest['num_classes']} before training the teacher")
+    # Every limit the data set puts on any key, at once, before training (else the dump or the
+    # student fails after it, one key per run).
+    check_against_data(params, manifest, shards_dir)
     run = _run(params, settings, manifest, shards_dir, distillation_objective("ce"),
                store=None, key=f"teachers.{name}", description=name)
     return fit(_new_model(settings, manifest, params.seed), run, out_dir, live_dir)
@@ -234,7 +234,7 @@ def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
     rows = manifest["splits"]["train"]["rows"]
     steps_per_epoch = epoch_steps(rows, views_per_decode, batch_size, ranks.world_size,
                                   drop_last=settings.drop_last)
-    if steps_per_epoch == 0:
+    if steps_per_epoch == 0 and settings.epochs:  # epochs 0 trains nothing
         raise UserError(f"{key}.batch_size: {settings.batch_size} is more than the "
                         f"{rows * views_per_decode} training samples of an epoch and "
                         "drop_last is set: no step would be taken; lower it")
