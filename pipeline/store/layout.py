@@ -3,7 +3,10 @@ Shared by the writer, the reader and `verify_store`; see pipeline/store/__init__
 layout as a whole."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import zlib
 from typing import Any
 
@@ -18,6 +21,14 @@ LABEL_CHECKSUMS = "label_checksums"  # (num_shards,) uint32
 PRIOR_GROUP = "class_prior"
 TAIL_BASIS_ARRAYS = ("tail_mean", "tail_basis", "tail_scales")  # per store, quantised tail only
 MAX_VIEWS = 2**20  # views drawn fresh for teachers start above the cached ones (stream.py)
+# sha256 of every attribute but the write state (box_scale, tail_step, k, C, seed, ...: what
+# the stored integers mean), recorded at creation and checked on every open: an edited
+# zarr.json is refused like a damaged chunk (the chunk checksums cannot see it).
+ATTRIBUTES_CHECKSUM = "attributes_sha256"
+# Attributes that change while a store is written (each a checksum itself, or checked against
+# the shard markers), so they are not part of its identity.
+STATE_ATTRIBUTES = ("complete", "class_prior_temperatures", "class_prior_checksums",
+                    "tail_basis_checksums")
 
 
 class StoreMismatchError(UserError):
@@ -33,6 +44,29 @@ class ClassPriorNotFoundError(KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
+
+
+def damaged_metadata(path: str, error: Exception) -> StoreCorruptError:
+    """The one line for a zarr.json that is not valid JSON (truncated by a full disk or an
+    interrupted copy), naming the file where the store is a local folder."""
+    name = "a zarr.json"
+    if "://" not in str(path) and os.path.isdir(path):
+        for folder, _, files in sorted(os.walk(path)):
+            file = os.path.join(folder, "zarr.json")
+            if "zarr.json" in files and not _parses(file):
+                name = file
+                break
+    return StoreCorruptError(f"logit store {path}: {name} is not valid JSON ({error}); the "
+                             "store is damaged: delete it and rerun dump_logits")
+
+
+def _parses(file: str) -> bool:
+    try:
+        with open(file, encoding="utf-8") as stream:
+            json.load(stream)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def has_tail(attrs: dict) -> bool:
@@ -76,6 +110,14 @@ def chunk_checksum(array: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(array).tobytes())
 
 
+def attributes_checksum(attrs: dict) -> str:
+    """sha256 of the canonical JSON of `attrs` less the write state and the checksum itself."""
+    protected = {key: value for key, value in attrs.items()
+                 if key not in STATE_ATTRIBUTES and key != ATTRIBUTES_CHECKSUM}
+    text = json.dumps(protected, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -107,8 +149,8 @@ _SCHEMA: list[tuple[str, str, Any]] = [
 
 
 def validate_attributes(path: str, attrs: dict, group) -> None:
-    """Refuse a store whose attributes break the schema or disagree with its arrays' shapes,
-    naming the attribute and what was expected (StoreCorruptError)."""
+    """Refuse a store whose attributes break the schema, disagree with its arrays' shapes or
+    dtypes, or were edited after the dump, naming what is wrong (StoreCorruptError)."""
     for key, wanted, test in _SCHEMA:
         if key not in attrs or not test(attrs[key], attrs):
             raise StoreCorruptError(
@@ -123,6 +165,9 @@ def validate_attributes(path: str, attrs: dict, group) -> None:
     expected.update({"labels": (attrs["rows"],), MARKERS: (attrs["num_shards"],),
                      CHECKSUMS: (attrs["num_shards"], attrs["views"], len(view_arrays(attrs))),
                      LABEL_CHECKSUMS: (attrs["num_shards"],)})
+    dtypes = {name: dtype for name, (_, dtype) in row_array_specs(attrs).items()}
+    dtypes.update({"labels": class_id_dtype(attrs["num_classes"]), MARKERS: np.dtype(bool),
+                   CHECKSUMS: np.dtype(np.uint32), LABEL_CHECKSUMS: np.dtype(np.uint32)})
     present = set(group.array_keys())
     for name, shape in expected.items():
         if name not in present:
@@ -132,3 +177,19 @@ def validate_attributes(path: str, attrs: dict, group) -> None:
             raise StoreCorruptError(
                 f"logit store {path}: array {name!r} has shape {tuple(group[name].shape)}, the "
                 f"attributes say {shape}; delete the store and rerun dump_logits")
+        # A dtype (or byte order) edited in the array's zarr.json reinterprets the same bytes:
+        # the chunk checksums would still match, the values would not.
+        wanted = dtypes.get(name, np.dtype(np.float32))  # the tail basis arrays: float32
+        if group[name].dtype != wanted:
+            raise StoreCorruptError(
+                f"logit store {path}: array {name!r} has data type {group[name].dtype}, the "
+                f"store writes {wanted}; its zarr.json was edited or damaged: delete the store "
+                "and rerun dump_logits")
+    recorded = attrs.get(ATTRIBUTES_CHECKSUM)
+    if recorded != attributes_checksum(attrs):
+        change = ("has none (written by an older version, or edited)" if recorded is None
+                  else "no longer matches them (an edit of its zarr.json?)")
+        raise StoreCorruptError(
+            f"logit store {path}: the attributes' sha256 ({ATTRIBUTES_CHECKSUM}) {change}; "
+            "what its stored integers mean (box_scale, tail_step, k, ...) cannot be trusted: "
+            "delete the store and rerun dump_logits")

@@ -8,6 +8,7 @@ asked for.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -17,7 +18,8 @@ from pipeline.store.encoding import FORMAT_VERSION, decode_boxes, decode_fields,
 from pipeline.store.tail import TailBasis
 from pipeline.store.layout import (
     CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, ClassPriorNotFoundError, StoreCorruptError,
-    StoreMismatchError, chunk_checksum, has_tail, prior_name, validate_attributes, view_arrays)
+    StoreMismatchError, chunk_checksum, damaged_metadata, has_tail, prior_name,
+    validate_attributes, view_arrays)
 from pipeline.store.writing import _json_normalise, _short, read_tail_basis, shard_bounds
 
 # The fields of a view that make its teacher logits (what the student's batches carry).
@@ -34,6 +36,15 @@ def open_store(path: str, *, fingerprint: str | None = None, seed: int | None = 
     the attribute, the expected and found values. Attributes that break the schema or disagree
     with the arrays' shapes raise StoreCorruptError. FileNotFoundError when nothing is there.
     """
+    try:
+        return _open_store(path, fingerprint=fingerprint, seed=seed,
+                           teacher_sha256=teacher_sha256, require_complete=require_complete)
+    except json.JSONDecodeError as error:  # a truncated zarr.json, the group's or an array's
+        raise damaged_metadata(path, error) from None
+
+
+def _open_store(path: str, *, fingerprint: str | None, seed: int | None,
+                teacher_sha256: str | None, require_complete: bool) -> "LogitStore":
     try:
         group = zarr.open_group(path, mode="r")
     except FileNotFoundError as error:
@@ -203,8 +214,7 @@ class LogitStore:
         # Any failure to decode stored bytes (crc32c mismatch, a truncated Blosc or Zstd frame,
         # a torn shard index) means the same to the user: this chunk is damaged.
         except Exception as error:  # noqa: BLE001
-            raise self._corrupt(name, shard_index, detail=f" ({type(error).__name__}: "
-                                f"{str(error)[:80]})") from error
+            raise self._corrupt(name, shard_index, detail=f" ({_cause(error)})") from error
 
     def _corrupt(self, name: str, shard_index: int | None, view: int | None = None,
                  detail: str = "") -> StoreCorruptError:
@@ -216,3 +226,12 @@ class LogitStore:
         return StoreCorruptError(
             f"logit store {self.path}: array {name!r}{where} is missing or damaged (or its "
             f"recorded checksum is){detail}; delete the store and rerun dump_logits")
+
+
+def _cause(error: Exception) -> str:
+    """A decoding error's first sentence, without the raw bytes codecs quote ("Stored:
+    b'...'"), which are noise to a reader and were cut mid-escape."""
+    text = str(error).split(". Stored:")[0].split("\n")[0]
+    if "b'" in text or 'b"' in text or len(text) > 100:
+        text = text.split(": b", 1)[0][:100]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -24,8 +24,9 @@ from pipeline.store.encoding import (
     class_id_dtype, encode_boxes, encode_logits)
 from pipeline.store.tail import TAIL_STEP, TailBasis, tail_components
 from pipeline.store.layout import (
-    CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, TAIL_BASIS_ARRAYS, StoreCorruptError,
-    StoreMismatchError, chunk_checksum, has_tail, prior_name, row_array_specs, view_arrays)
+    ATTRIBUTES_CHECKSUM, CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, STATE_ATTRIBUTES,
+    TAIL_BASIS_ARRAYS, StoreCorruptError, StoreMismatchError, attributes_checksum, chunk_checksum,
+    damaged_metadata, has_tail, prior_name, row_array_specs, view_arrays)
 
 # Attributes the caller of `create_store` must supply (the store adds the shape attributes).
 REQUIRED_ATTRIBUTES = (
@@ -35,9 +36,6 @@ REQUIRED_ATTRIBUTES = (
 # Attributes the store itself owns.
 SHAPE_ATTRIBUTES = ("format_version", "rows", "views", "topk", "num_classes", "shard_rows",
                     "num_shards", "tail", "tail_components", "encoding")
-# Attributes that change while a store is written, so they are not part of its identity.
-STATE_ATTRIBUTES = ("complete", "class_prior_temperatures", "class_prior_checksums",
-                    "tail_basis_checksums")
 
 
 def num_shards_for(rows: int, shard_rows: int) -> int:
@@ -143,7 +141,8 @@ def store_identity(*, rows: int, views: int, topk: int, num_classes: int, shard_
     missing = [key for key in REQUIRED_ATTRIBUTES if key not in attributes]
     if missing:
         raise ValueError(f"store attributes lack {missing}; required: {list(REQUIRED_ATTRIBUTES)}")
-    reserved = [key for key in attributes if key in SHAPE_ATTRIBUTES + STATE_ATTRIBUTES]
+    reserved = [key for key in attributes
+                if key in SHAPE_ATTRIBUTES + STATE_ATTRIBUTES + (ATTRIBUTES_CHECKSUM,)]
     if reserved:
         raise ValueError(f"attributes {reserved} are set by the store itself; do not pass them")
     if len(attributes["class_names"]) != num_classes:
@@ -156,7 +155,7 @@ def store_identity(*, rows: int, views: int, topk: int, num_classes: int, shard_
         box_scale(max_image_side)
     except ValueError as error:
         raise ValueError(f"attribute 'max_image_side': {error}") from None
-    return _json_normalise({
+    wanted = _json_normalise({
         **attributes, "max_image_side": max_image_side, "format_version": FORMAT_VERSION,
         "rows": int(rows), "views": int(views), "topk": int(topk),
         "num_classes": int(num_classes), "shard_rows": int(shard_rows),
@@ -164,6 +163,7 @@ def store_identity(*, rows: int, views: int, topk: int, num_classes: int, shard_
         "tail_components": (tail_components(num_classes)
                             if tail == "quantized" and topk < num_classes else 0),
         "encoding": encoding_attributes(max_image_side)})
+    return {**wanted, ATTRIBUTES_CHECKSUM: attributes_checksum(wanted)}
 
 
 def create_store(path: str, *, rows: int, views: int, topk: int, num_classes: int,
@@ -188,6 +188,13 @@ def create_store(path: str, *, rows: int, views: int, topk: int, num_classes: in
     """
     wanted = store_identity(rows=rows, views=views, topk=topk, num_classes=num_classes,
                             shard_rows=shard_rows, tail=tail, attributes=attributes)
+    try:
+        return _create_or_reopen(path, wanted, overwrite)
+    except json.JSONDecodeError as error:  # an array's zarr.json truncated
+        raise damaged_metadata(path, error) from None
+
+
+def _create_or_reopen(path: str, wanted: dict, overwrite: bool) -> zarr.Group:
     group = None if overwrite else open_existing(path)
     if group is None:
         try:
@@ -198,7 +205,8 @@ def create_store(path: str, *, rows: int, views: int, topk: int, num_classes: in
                                      "overwrite=True") from error
     else:
         found = identity(dict(group.attrs))
-        for key in sorted(set(found) | set(wanted)):
+        # the checksum last: name the attribute that differs, not the digest of them all
+        for key in sorted(set(found) | set(wanted), key=lambda k: (k == ATTRIBUTES_CHECKSUM, k)):
             if found.get(key) != wanted.get(key):
                 raise StoreMismatchError(
                     f"logit store {path} exists with a different {key!r}: it has "
@@ -221,6 +229,8 @@ def open_existing(path: str, mode: str = "r+") -> zarr.Group | None:
     except zarr.errors.ContainsArrayError as error:
         raise StoreMismatchError(f"{path} holds a zarr array, not a logit store; delete it or "
                                  "pass overwrite=True") from error
+    except json.JSONDecodeError as error:  # truncated by a full disk or a killed copy
+        raise damaged_metadata(path, error) from None
 
 
 def write_tail_basis(group: zarr.Group, basis: TailBasis) -> None:
@@ -358,7 +368,7 @@ def finalize_store(group: zarr.Group, class_priors: dict[float, np.ndarray]) -> 
     num_classes = attrs["num_classes"]
     priors = group.require_group(PRIOR_GROUP)
     checksums = {}
-    for temperature, prior in class_priors.items():
+    for temperature, prior in sorted(class_priors.items()):  # the same bytes on every rebuild
         prior = np.asarray(prior, dtype=np.float32)
         if prior.shape != (num_classes, num_classes) or not np.isfinite(prior).all():
             raise ValueError(f"class prior at T={temperature} must be a finite "
