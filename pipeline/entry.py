@@ -18,9 +18,19 @@ def run_stage(main):
         try:
             return main(*args, **kwargs)
         except (UserError, FileNotFoundError) as error:
+            _end_progress_bars()
             raise click.ClickException(str(error)) from None
 
     return wrapper
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so that each ends its line and the
+    `Error:` line starts on its own (a bar left open keeps its line, after a carriage return)."""
+    from tqdm import tqdm  # already imported by whatever drew a bar
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # tqdm's registry of open bars
+        bar.close()
 
 
 def check_tracked_weights(weights: str, folder: str, key_path: str) -> None:

@@ -11,6 +11,7 @@ partial one. The store is marked complete only after every shard and the priors 
 
 from __future__ import annotations
 
+import errno
 from contextlib import contextmanager, nullcontext
 
 import fsspec
@@ -88,8 +89,15 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
     wanted = store_identity(**shape, attributes=attributes)
     # One writer per store: a second dump (rank 0 of another job) is refused at once.
     with exclusive_writer(store_path, "logit dump") if ranks.is_main else nullcontext():
-        _dump(store_path, wanted, shape, attributes, shards, teacher, params, teacher_name,
-              ranks)
+        try:
+            _dump(store_path, wanted, shape, attributes, shards, teacher, params, teacher_name,
+                  ranks)
+        except OSError as error:  # a full disk: the shards written so far are kept
+            if error.errno != errno.ENOSPC:
+                raise
+            raise UserError(f"{store_path}: no space left on the device (disk full) while "
+                            "writing the logit store; free space there and rerun dump_logits: "
+                            "it resumes after the shards already written") from None
 
 
 def _dump(store_path: str, wanted: dict, shape: dict, attributes: dict, shards: list[Shard],
