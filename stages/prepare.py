@@ -18,8 +18,9 @@ def main(params_file: str, out: str) -> None:
     manifest = prepare_shards(params.data, params.seed, out)
     rows = ", ".join(f"{split} {info['rows']}" for split, info in manifest["splits"].items())
     click.echo(f"{out}: {manifest['num_classes']} classes; rows: {rows}; skipped "
-               f"{manifest['skipped']['count']}; ignored {manifest['ignored']['count']} hidden "
-               f"or OS files; fingerprint {manifest['fingerprint'][:12]}")
+               f"{manifest['skipped']['count']}; ignored {manifest['ignored']['count']} (hidden, "
+               "OS litter, not images: the manifest's 'ignored' lists them); fingerprint "
+               f"{manifest['fingerprint'][:12]}")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import codecs
 import io
+import math
 import os
 import pickle
 import tarfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,19 +139,27 @@ def _glyphs_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
 
 def _image_folder(params: DataParams, rng: np.random.Generator) -> SourceData:
     """`root/class_name/image.ext`: balanced val/test held out per class, long-tailed train.
-    Hidden entries and OS litter (`is_litter`) are left out at any depth and recorded."""
+    Hidden entries and OS litter (`is_litter`), files that are not images and links that would
+    loop are left out at any depth and recorded (`ignored`). Links are followed wherever they
+    point, to files and folders alike (a link to a folder above it is a loop: left out).
+    Names are read as UTF-8 whatever the locale, and sorted as text: the same tree gives the
+    same classes, labels and fingerprint under any LANG / LC_ALL."""
     root = _existing_dir(params.root, "data.root (an ImageFolder tree root/class/image.jpg)")
-    ignored = [f"{p.name}/" if p.is_dir() else p.name for p in sorted(root.iterdir())
+    entries = sorted(root.iterdir(), key=lambda p: fs_text(p.name))
+    ignored = [f"{fs_text(p.name)}/" if p.is_dir() else fs_text(p.name) for p in entries
                if is_litter(p.name)]
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not is_litter(p.name))
+    class_dirs = [p for p in entries if p.is_dir() and not is_litter(p.name)]
+    ignored += [f"{fs_text(p.name)} (not a folder: images go in root/class_name/)"
+                for p in entries if not p.is_dir() and not is_litter(p.name)]
     if not class_dirs:
         raise SourceError(f"{root}: no class folders; expected root/class_name/image.jpg")
     files = [_image_files(d, root, ignored) for d in class_dirs]
-    names = [d.name for d in class_dirs]
+    names = [fs_text(d.name) for d in class_dirs]
 
     def item(index: int) -> Item:
         file = all_files[index]
-        return Item(path=str(file.relative_to(root)), label=all_labels[index], file=str(file))
+        return Item(path=fs_text(str(file.relative_to(root))), label=all_labels[index],
+                    file=str(file))
 
     all_files = [f for class_files in files for f in class_files]
     all_labels = [label for label, class_files in enumerate(files) for _ in class_files]
@@ -159,25 +169,49 @@ def _image_folder(params: DataParams, rng: np.random.Generator) -> SourceData:
     return SourceData(data.class_names, data.splits, ignored=ignored)
 
 
+def fs_text(name: str) -> str:
+    """A file name as UTF-8 text whatever the locale: under LC_ALL=C Python decodes names as
+    ASCII with surrogate escapes ('caf\\udcc3\\udca9'); bytes that are not UTF-8 keep them."""
+    return os.fsencode(name).decode("utf-8", "surrogateescape")
+
+
 def is_litter(name: str) -> bool:
     """A hidden name (starting with '.') or one of the OS_LITTER names (any case)."""
     return name.startswith(".") or name.lower() in OS_LITTER
 
 
 def _image_files(folder: Path, root: Path, ignored: list[str]) -> list[Path]:
-    """The image files under `folder` (any depth, sorted), skipping litter folders and files;
-    appends what it skips to `ignored`, relative to `root` (a folder once, with a '/')."""
+    """The image files under `folder` (any depth, following links, sorted), skipping litter,
+    files that are not images, broken links and links back to a folder above them; appends
+    what it skips to `ignored`, relative to `root` (a folder once, with a '/')."""
     found = []
-    for parent, dirs, names in os.walk(folder):
+
+    def relative(path: Path) -> str:
+        return fs_text(str(path.relative_to(root)))
+
+    for parent, dirs, names in os.walk(folder, followlinks=True):
         here = Path(parent)
-        ignored += [f"{(here / d).relative_to(root)}/" for d in sorted(dirs) if is_litter(d)]
-        dirs[:] = [d for d in dirs if not is_litter(d)]  # os.walk descends only into these
-        for name in sorted(names):
+        real_here = os.path.realpath(here)
+        ignored += [f"{relative(here / d)}/" for d in sorted(dirs, key=fs_text) if is_litter(d)]
+        kept = []
+        for name in sorted((d for d in dirs if not is_litter(d)), key=fs_text):
+            target = os.path.realpath(here / name)
+            if real_here == target or real_here.startswith(target + os.sep):
+                ignored.append(f"{relative(here / name)}/ (a link to a folder above it: a loop)")
+            else:
+                kept.append(name)
+        dirs[:] = kept  # os.walk descends only into these
+        for name in sorted(names, key=fs_text):
+            path = here / name
             if is_litter(name):
-                ignored.append(str((here / name).relative_to(root)))
+                ignored.append(relative(path))
+            elif not path.exists():
+                ignored.append(f"{relative(path)} (a broken link)")
             elif Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(here / name)
-    return sorted(found)
+                found.append(path)
+            else:
+                ignored.append(f"{relative(path)} (not an image file)")
+    return sorted(found, key=lambda path: fs_text(str(path)))
 
 
 def _balanced_holdout_and_long_tail(by_class, names, params: DataParams, make_item,
@@ -413,14 +447,21 @@ def encode_item(item: Item, max_side: int, jpeg_quality: int) -> Encoded | str:
         return Encoded(_png(image), "png", image.width, image.height, max(image.size))
     try:
         data = Path(item.file).read_bytes()
-        image = Image.open(io.BytesIO(data))
-        image.load()  # decode fully: a truncated file fails here, not in training
+        with warnings.catch_warnings():  # Pillow only warns between 1x and 2x its limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()  # decode fully: a truncated file fails here, not in training
         plain = is_plain(image)
         upright = image if plain else viewer_rgb(image)
     except FileNotFoundError:
         return f"{item.file}: image not found"
     except UnidentifiedImageError:
         return f"{item.file}: cannot decode image (not an image format PIL reads)"
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        return (f"{item.file}: more than {Image.MAX_IMAGE_PIXELS / 1e6:.1f} million pixels, "
+                "the most an image may have (Pillow's decompression-bomb limit: a side of "
+                f"about {math.isqrt(Image.MAX_IMAGE_PIXELS)} px when square); scale it down "
+                "before prepare")
     except Exception as error:  # PIL raises many types for corrupt data or odd modes
         return f"{item.file}: cannot decode image ({error})"
     width, height = upright.size

@@ -232,8 +232,12 @@ def _inspect(store_path: str, row: int | None, view: int, verify: bool, manifest
     if verify or manifest:
         fingerprint = None
         if manifest:
-            with open(manifest) as file:
-                fingerprint = json.load(file).get("fingerprint")
+            try:
+                with open(manifest, encoding="utf-8") as file:
+                    fingerprint = json.load(file).get("fingerprint")
+            except ValueError as error:  # truncated or not JSON: one line, not a traceback
+                raise click.ClickException(f"manifest {manifest} is not valid JSON ({error}); "
+                                           "rerun prepare") from None
             if fingerprint is None:
                 raise click.ClickException(f"manifest {manifest} has no 'fingerprint' key")
         problems = verify_store(store_path, fingerprint=fingerprint, progress=True)

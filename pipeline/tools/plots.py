@@ -34,7 +34,7 @@ class PerClass:
 
 def read_per_class(path: str | Path, label: str) -> PerClass:
     """A per_class.csv written by pipeline.train.evaluate.write_report."""
-    with open(path, newline="") as stream:
+    with open(path, newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     return PerClass(label, [int(row["train_count"]) for row in rows],
                     [float(row["top1"]) for row in rows])
@@ -46,7 +46,7 @@ def read_curve(live_dir: str | Path, metric: str) -> tuple[list[int], list[float
     path = Path(live_dir) / "plots" / "metrics" / f"{metric}.tsv"
     if not path.is_file():
         return [], []
-    with open(path, newline="") as stream:
+    with open(path, newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream, delimiter="\t"))
     name = metric.rsplit("/", 1)[-1]
     return [int(row["step"]) + 1 for row in rows], [float(row[name]) for row in rows]

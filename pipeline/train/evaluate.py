@@ -85,7 +85,7 @@ def write_report(metrics: dict, per_class: list[dict], class_names: list[str],
     Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics_file).write_text(json.dumps(metrics, indent=1) + "\n")
     Path(per_class_file).parent.mkdir(parents=True, exist_ok=True)
-    with open(per_class_file, "w", newline="") as stream:
+    with open(per_class_file, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, ["class", "name", "train_count", "test_count", "top1"])
         writer.writeheader()
         for row in per_class:
