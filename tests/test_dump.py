@@ -22,6 +22,7 @@ from helpers_stage_one import (  # noqa: F401 (fixtures)
     train_samples, with_changes, write_params_file)
 from pipeline.stream.augment import CropSpec, apply_view, draw_views, normalize, pixel_box
 from pipeline.tools.cli import cli
+from pipeline.train.checkpoints import save_checkpoint
 from pipeline.train.runs import crop_spec, load_model, train_student
 from pipeline.distributed import distributed
 from pipeline.store.dump import dump_logits
@@ -376,7 +377,7 @@ def test_student_refuses_a_store_of_another_teacher_or_seed(stage_one_data, teac
     state = torch.load(teacher_checkpoint, weights_only=True)
     state["model"]["fc.bias"] += 1.0  # another teacher: same arch, other weights
     other_teacher = tmp_path / "other.pt"
-    torch.save(state, other_teacher)
+    save_checkpoint(other_teacher, state)  # a sound checkpoint, of another teacher
     data = stage_one_data
     with pytest.raises(StoreMismatchError, match="teacher_sha256 expected"):
         train_student(data.params, str(data.shards_dir), store_path, str(other_teacher),
@@ -393,7 +394,7 @@ def test_nan_teacher_stops_the_dump_naming_the_row(stage_one_data, teacher_check
     state = torch.load(teacher_checkpoint, weights_only=True)
     state["model"]["fc.bias"][1] = float("nan")
     broken = tmp_path / "nan_teacher.pt"
-    torch.save(state, broken)
+    save_checkpoint(broken, state)  # sound, with NaN weights
     path = tmp_path / "nan.zarr"
     with pytest.raises(UserError, match=r"NaN or Inf at row 0, view 0 \(.*train-000000.tar"):
         dump_to(stage_one_data, broken, path)

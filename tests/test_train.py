@@ -18,6 +18,7 @@ from pipeline.train.runs import load_model, train_teacher
 from pipeline.train.evaluate import evaluate_checkpoint
 from pipeline.params import TrainParams, to_dict
 from pipeline.train.loop import CHECKPOINT, _warmup_cosine, epoch_lr_factor, lr_factor
+from pipeline.train.checkpoints import save_checkpoint
 from stages.train_teacher import main as train_main
 
 EPOCHS, BATCH_SIZE, LR = 2, 8, 0.05  # toy teachers.teacher
@@ -152,7 +153,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(stage_one_data, unint
 def _other_fingerprint(out):
     state = load(out / CHECKPOINT)
     state["fingerprint"] = "0" * 64  # as if the shards had been rebuilt from other data
-    torch.save(state, out / CHECKPOINT)
+    save_checkpoint(out / CHECKPOINT, state)  # with its integrity record: not damaged
 
 
 @pytest.mark.parametrize("change", [

@@ -458,10 +458,10 @@ def encode_item(item: Item, max_side: int, jpeg_quality: int) -> Encoded | str:
     except UnidentifiedImageError:
         return f"{item.file}: cannot decode image (not an image format PIL reads)"
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        return (f"{item.file}: more than {Image.MAX_IMAGE_PIXELS / 1e6:.1f} million pixels, "
-                "the most an image may have (Pillow's decompression-bomb limit: a side of "
-                f"about {math.isqrt(Image.MAX_IMAGE_PIXELS)} px when square); scale it down "
-                "before prepare")
+        side = math.isqrt(Image.MAX_IMAGE_PIXELS)
+        return (f"{item.file}: more than {Image.MAX_IMAGE_PIXELS:,} pixels, the most an image "
+                f"may have (Pillow's decompression-bomb limit, {side} x {side} px); scale it "
+                "down before prepare")
     except Exception as error:  # PIL raises many types for corrupt data or odd modes
         return f"{item.file}: cannot decode image ({error})"
     width, height = upright.size

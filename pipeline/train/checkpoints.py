@@ -34,6 +34,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """Write `state` to `path` atomically: a crash mid-save never leaves a torn checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
+    state = {key: value for key, value in state.items() if key != INTEGRITY}  # a re-save
     torch.save({**state, INTEGRITY: state_digest(state)}, partial)
     os.replace(partial, path)
 
