@@ -181,7 +181,7 @@ def test_topk_beyond_the_classes_stops_the_teacher_before_training(tmp_path, tin
     """image_folder: the class count is known only after prepare; the teacher stage checks
     it against the manifest first, instead of training for the dump to fail after."""
     params = parse(Params, {"data": {"source": "image_folder"}, "logits": {"topk": 5},
-                            "teachers": {"teacher": TRAIN}}, "")
+                            "teachers": {"teacher": TRAIN}, "student": TRAIN}, "")
     out = tmp_path / "models" / "teacher"
     with pytest.raises(UserError) as error:
         train_teacher(params, "teacher", str(tiny_shards), str(out), str(tmp_path / "live"))

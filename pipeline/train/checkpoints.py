@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -47,13 +48,15 @@ def load_checkpoint(path: str | Path) -> dict:
                                 "(dvc repro)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # weights_only refused a global: maybe code
-        raise UserError(f"{path}: not a checkpoint this project wrote, or unsafe to load "
-                        f"(torch.load(weights_only=True) refused it: {_reason(error)}); use "
-                        "the checkpoint.pt a training stage wrote") from None
     # A damaged file can fail anywhere inside torch's reader (zip records, pickle opcodes,
     # storage sizes), with any exception type: all mean the same to the user.
     except Exception as error:  # noqa: BLE001
+        refused = isinstance(error, pickle.UnpicklingError) and (
+            "Unsupported global" in str(error) or not zipfile.is_zipfile(path))
+        if refused:  # weights_only refused a global (maybe code), or not torch's zip at all
+            raise UserError(f"{path}: not a checkpoint this project wrote, or unsafe to load "
+                            f"(torch.load(weights_only=True) refused it: {_reason(error)}); "
+                            "use the checkpoint.pt a training stage wrote") from None
         raise UserError(f"{path}: damaged or not a PyTorch checkpoint ({_reason(error)}); "
                         "delete it and rerun its training stage (dvc repro)") from None
     if not isinstance(state, dict) or "model" not in state:
