@@ -26,6 +26,7 @@ from pipeline.train.checkpoints import load_checkpoint, state_digest
 from pipeline.train.runs import train_teacher
 from stages.dump_logits import main as dump_stage
 from stages.prepare import main as prepare_stage
+from stages.train_teacher import main as teacher_stage
 
 
 def one_line(message: str) -> str:
@@ -265,20 +266,32 @@ def test_a_damaged_chunk_is_named_without_raw_bytes(store, tmp_path):
 # Progress bars and the Error: line
 
 def test_the_error_line_starts_its_own_line_after_a_progress_bar(tmp_path):
-    rng = np.random.default_rng(0)
+    """A shard damaged after prepare stops the teacher mid-epoch, its bar open."""
+    root = tmp_path / "folder"
     for name in "ab":
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(
-                tmp_path / "folder" / name / f"{i}.png" if (tmp_path / "folder" / name).mkdir(
-                    parents=True, exist_ok=True) is None else None)
-    (tmp_path / "folder" / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+        (root / name).mkdir(parents=True)
+        for i in range(9):
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (8, 8, 3), np.uint8)).save(
+                root / name / f"{i}.png")
+    train = dict(arch="resnet8", image_size=8, epochs=1, batch_size=2, workers=0)
     params = tmp_path / "params.yaml"
-    params.write_text(f"data: {{source: image_folder, root: {tmp_path / 'folder'}, workers: 0, "
-                      "val_per_class: 0, test_per_class: 1, imbalance_ratio: 1}\n")
-    result = CliRunner().invoke(prepare_stage, ["--params", str(params), "--out",
-                                                str(tmp_path / "shards")])
+    params.write_text(json.dumps({
+        "data": dict(source="image_folder", root=str(root), val_per_class=0, test_per_class=1,
+                     imbalance_ratio=1, workers=0, shard_size=4),
+        "teachers": {"teacher": train}, "student": train, "logits": {"topk": 2}}))
+    shards = tmp_path / "shards"
+    assert CliRunner().invoke(prepare_stage, ["--params", str(params), "--out",
+                                              str(shards)]).exit_code == 0
+    shard = sorted(shards.glob("train-*.tar"))[-1]
+    data = bytearray(shard.read_bytes())
+    start = data.find(b"\x89PNG")
+    data[start + 20:start + 60] = bytes(40)  # an image's header zeroed
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(teacher_stage, [
+        "--params", str(params), "--name", "teacher", "--shards", str(shards),
+        "--out", str(tmp_path / "model"), "--live", str(tmp_path / "live")])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "encode train" in result.output  # a bar was drawn ...
-    last = result.output.rstrip("\n").split("\n")[-1]
-    assert last.startswith("Error: ") and "3.png: cannot decode image" in last  # ... and ended
-    assert os.linesep == "\n"
+    assert "teacher: epoch 1/1:" in result.output  # a bar was drawn ...
+    last = result.output.rstrip("\n").split("\n")[-1]  # ... and ended before the error
+    assert last == (f"Error: {shard}: corrupt shard (sample 000000012 is not an image); rerun "
+                    "prepare (dvc repro prepare) to rewrite it")

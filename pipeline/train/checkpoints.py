@@ -55,9 +55,9 @@ def load_checkpoint(path: str | Path) -> dict:
             "Unsupported global" in str(error) or not zipfile.is_zipfile(path))
         if refused:  # weights_only refused a global (maybe code), or not torch's zip at all
             raise UserError(f"{path}: not a checkpoint this project wrote, or unsafe to load "
-                            f"(torch.load(weights_only=True) refused it: {_reason(error)}); "
+                            f"(torch.load(weights_only=True) refused it: {load_reason(error)}); "
                             "use the checkpoint.pt a training stage wrote") from None
-        raise UserError(f"{path}: damaged or not a PyTorch checkpoint ({_reason(error)}); "
+        raise UserError(f"{path}: damaged or not a PyTorch checkpoint ({load_reason(error)}); "
                         "delete it and rerun its training stage (dvc repro)") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path}: not a checkpoint this project wrote (no 'model' entry); "
@@ -95,7 +95,7 @@ def state_digest(state: dict) -> str:
     return digest.hexdigest()
 
 
-def _reason(error: Exception) -> str:
+def load_reason(error: Exception) -> str:
     """The telling sentence of torch.load's long, multi-line messages."""
     text = str(error)
     for line in text.splitlines():

@@ -187,8 +187,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling refused, not a torch file, truncated, ...
+        from pipeline.train.checkpoints import load_reason  # (it imports this module)
         raise UserError(f"{path}: cannot read it as weights ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0][:200]}); save a state_dict with "
+                        f"{load_reason(error)}); save a state_dict with "
                         "torch.save(model.state_dict(), path)") from None
     while isinstance(state, Mapping) and not _is_state_dict(state):
         inner = next((state[key] for key in WRAPPER_KEYS if isinstance(state.get(key), Mapping)),
