@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.train.models import build_model
+from pipeline.train.models import build_model, load_reason
 
 CHECKPOINT = "checkpoint.pt"
 INTEGRITY = "integrity_sha256"  # the entry that holds `state_digest` of the rest
@@ -93,20 +93,6 @@ def state_digest(state: dict) -> str:
 
     feed(state)
     return digest.hexdigest()
-
-
-def load_reason(error: Exception) -> str:
-    """The telling sentence of torch.load's long, multi-line messages."""
-    text = str(error)
-    for line in text.splitlines():
-        if "WeightsUnpickler error:" in line:  # which global weights_only refused
-            text = line.split("WeightsUnpickler error:", 1)[1]
-            break
-    first = text.strip().split(". ")[0].split("\n")[0][:200]
-    if "weights_only" in first or "Weights only" in first:
-        # never relay torch's advice to load with weights_only=False: it runs the file's code
-        return "it holds objects other than tensors and plain data"
-    return first or type(error).__name__
 
 
 def load_model(checkpoint_path: str | Path) -> tuple[nn.Module, dict]:

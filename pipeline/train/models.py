@@ -187,7 +187,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling refused, not a torch file, truncated, ...
-        from pipeline.train.checkpoints import load_reason  # (it imports this module)
         raise UserError(f"{path}: cannot read it as weights ({type(error).__name__}: "
                         f"{load_reason(error)}); save a state_dict with "
                         "torch.save(model.state_dict(), path)") from None
@@ -204,6 +203,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if state and all(key.startswith(prefix) for key in state):
             state = {key[len(prefix):]: value for key, value in state.items()}
     return dict(state)
+
+
+def load_reason(error: Exception) -> str:
+    """The telling sentence of torch.load's long, multi-line messages."""
+    text = str(error)
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:  # which global weights_only refused
+            text = line.split("WeightsUnpickler error:", 1)[1]
+            break
+    first = text.strip().split(". ")[0].split("\n")[0][:200]
+    if "weights_only" in first or "Weights only" in first:
+        # never relay torch's advice to load with weights_only=False: it runs the file's code
+        return "it holds objects other than tensors and plain data"
+    return first or type(error).__name__
 
 
 def _is_state_dict(state: Mapping) -> bool:
