@@ -2,6 +2,7 @@
 outside the repository (a hand-kept package list once left pipeline/store out of it)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,8 +19,14 @@ def source_files() -> set[str]:
 
 
 def test_the_wheel_installs_and_every_module_imports_outside_the_repository(tmp_path):
+    # Built from a copy of what a clone holds: an in-tree build would reuse a stale build/.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "pipeline", source / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
+                    "-q", "-w", str(tmp_path / "dist"), str(source)], check=True)
     wheel, = (tmp_path / "dist").glob("*.whl")
     packaged = {name for name in zipfile.ZipFile(wheel).namelist()
                 if name.startswith("pipeline/")}
