@@ -24,6 +24,7 @@ from pipeline.train.runs import crop_spec, load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
 from pipeline.locks import exclusive_writer
+from pipeline.storage import storage_errors
 from pipeline.train.losses import ClassPriorAccumulator
 from pipeline.params import Params
 from pipeline.data.manifest import file_sha256, load_manifest
@@ -87,7 +88,8 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
                  shard_rows=shards[0].stop - shards[0].start, tail=settings.tail)
     wanted = store_identity(**shape, attributes=attributes)
     # One writer per store: a second dump (rank 0 of another job) is refused at once.
-    with exclusive_writer(store_path, "logit dump") if ranks.is_main else nullcontext():
+    with (exclusive_writer(store_path, "logit dump") if ranks.is_main else nullcontext(),
+          storage_errors(store_path)):
         _dump(store_path, wanted, shape, attributes, shards, teacher, params, teacher_name,
               ranks)
 
