@@ -117,14 +117,18 @@ def test_prepare_writes_the_same_shards_to_s3(s3, s3_run, stage_one_data):
     assert not fs.exists(s3_run["shards"] + ".lock")  # released
 
 
-def test_pipeline_on_s3_equals_the_local_run(s3, s3_run):
+def test_pipeline_on_s3_equals_the_local_run(s3, s3_run, stage_one_data):
     """The store on S3 is the local dump's, raw array for raw array, attributes included;
-    the student trains from it and the evaluation reads the shards from S3."""
+    the student trains from it (2 DataLoader workers, forked: each reopens the store with its
+    own S3 client) and the evaluation reads the shards from S3."""
     assert_same_store(s3_run["store"], s3_run["local_store"])
-    work, common = s3_run["work"], ["--params", s3_run["params_file"], "--shards",
-                                    s3_run["shards"]]
-    invoke(student_stage, *common, "--store", s3_run["store"], "--teacher-checkpoint",
-           s3_run["checkpoint"], "--out", work / "student", "--live", work / "student_live")
+    work = s3_run["work"]
+    student_params = write_params_file(work / "student.yaml", with_changes(
+        stage_one_data.raw, "student", workers=2))
+    invoke(student_stage, "--params", student_params, "--shards", s3_run["shards"], "--store",
+           s3_run["store"], "--teacher-checkpoint", s3_run["checkpoint"],
+           "--out", work / "student", "--live", work / "student_live")
+    common = ["--params", s3_run["params_file"], "--shards", s3_run["shards"]]
     invoke(evaluate_stage, *common, "--name", "student", "--checkpoint",
            work / "student" / "checkpoint.pt", "--metrics", work / "test.json",
            "--per-class", work / "per_class.csv")
