@@ -172,8 +172,8 @@ class StudentParams(TrainParams):
     online_teacher: bool = False  # run the teacher live instead of reading the cache
     # Where the student's images (and its teacher's dump) are decoded: `cpu` in the DataLoader
     # workers (Pillow, JPEG draft scales), `gpu` on the training device (nvJPEG on CUDA; the
-    # same code on the CPU without one), `auto`: the store's path when replaying one, else gpu
-    # on CUDA (pipeline/stream/device_decode.py).
+    # same code on the CPU without one), `auto`: the store's path when replaying one, else cpu,
+    # on CUDA too until the gpu path is measured there (pipeline/stream/device_decode.py).
     decode: str = _param("auto", one_of("auto", "cpu", "gpu"))
 
 

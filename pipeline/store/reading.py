@@ -9,6 +9,7 @@ asked for.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import zarr
@@ -61,7 +62,7 @@ class LogitStore:
 
     def __init__(self, path: str, group: zarr.Group):
         self.path = path
-        self.group = group
+        self._opened_in, self._group = os.getpid(), group
         self.attributes: dict = dict(group.attrs)
         self.views: int = self.attributes["views"]
         self.rows: int = self.attributes["rows"]
@@ -73,10 +74,27 @@ class LogitStore:
         self.class_names: list[str] = list(self.attributes["class_names"])
         self.complete: bool = bool(self.attributes.get("complete"))
         self.array_names = view_arrays(self.attributes)
-        self._arrays = {name: group[name] for name in self.array_names}
+        self._array_handles = {name: group[name] for name in self.array_names}
         self._checksums: dict[int, np.ndarray] = {}
         self._labels: np.ndarray | None = None
         self._tail_basis: TailBasis | None = None
+
+    @property
+    def group(self) -> zarr.Group:
+        """The store's zarr group, opened again in a process forked after it was opened (a
+        DataLoader worker): on object storage the group's client (s3fs's aiohttp session)
+        belongs to the event loop of the process that opened it, and a forked worker reading
+        through it failed with "attached to a different loop" (tests/test_s3.py)."""
+        if self._opened_in != os.getpid():
+            self._group = zarr.open_group(self.path, mode="r")
+            self._array_handles = {name: self._group[name] for name in self.array_names}
+            self._opened_in = os.getpid()
+        return self._group
+
+    @property
+    def _arrays(self) -> dict:
+        self.group  # noqa: B018 (opens it again in a forked process)
+        return self._array_handles
 
     @property
     def tail_basis(self) -> TailBasis | None:
