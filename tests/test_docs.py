@@ -172,3 +172,57 @@ def test_the_specification_lists_every_attribute(dumped_stores):
     quantized = dict(zarr.open_group(dumped_stores["quantized"], mode="r").attrs)
     # decode_device is recorded by the gpu decode path only (not run on this CPU)
     assert documented - set(quantized) == {"decode_device"}
+
+
+# ---------------------------------------------------------------------------------------------
+# `dvc plots show` offline
+
+# What makes a browser fetch: a src/href attribute, a CSS url() or @import, with a scheme or a
+# protocol-relative //host. Strings inside scripts (a spec's "$schema", the "open in editor"
+# link vega-embed builds on a click) fetch nothing and are not matched.
+REMOTE = re.compile(r"""(?:\b(?:src|href)\s*=\s*["']?|url\(\s*["']?|@import\s+["']?)"""
+                    r"""(?:[a-z][a-z0-9+.-]*:)?//""", re.I)
+
+
+def remote_references(page: str) -> list[str]:
+    return [page[match.start():match.end() + 40] for match in REMOTE.finditer(page)]
+
+
+def test_the_remote_reference_finder_finds_dvcs_cdn_scripts():
+    from dvc_render.html import PAGE_HTML
+    from dvc_render.vega import VegaRenderer
+
+    default_page = PAGE_HTML.replace("{scripts}", VegaRenderer.SCRIPTS)
+    assert len(remote_references(default_page)) == 3  # vega, vega-lite, vega-embed
+    assert remote_references('<img src="static/a.png"><a href="#x">') == []
+    assert remote_references("<link href='//cdn.example/x.css'>") != []
+
+
+def test_dvc_plots_show_writes_a_page_that_loads_nothing_remote(tmp_path):
+    """`dvc plots show` in a copy of the repository's plot definitions and committed results,
+    with its .dvc/config and the template the figures stage writes."""
+    from pipeline.tools.cli import PLOTS_TEMPLATE
+    from pipeline.tools.plots_template import write_plots_template
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
+    for name in ("dvc.yaml", "params.yaml", "results", "figures", ".dvc/config"):
+        source, target = ROOT / name, repo / name
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy(source, target)
+    config_path = subprocess.run([*dvc, "config", "plots.html_template"], cwd=repo, check=True,
+                                 capture_output=True, text=True).stdout.strip()
+    assert Path(".dvc", config_path) == Path(PLOTS_TEMPLATE)  # the file the figures stage writes
+    assert f"--plots-template {PLOTS_TEMPLATE}" in (ROOT / "dvc.yaml").read_text()
+    write_plots_template(repo / PLOTS_TEMPLATE)
+    subprocess.run([*dvc, "plots", "show", "-o", "out"], cwd=repo, check=True,
+                   capture_output=True, text=True, timeout=300)
+    page = (repo / "out" / "index.html").read_text(encoding="utf-8")
+    assert remote_references(page) == []
+    assert "window.vegaEmbed=" in page.replace(" ", "")  # the libraries are in the page
+    assert page.count("vegaEmbed('#") + page.count('vegaEmbed("#') >= 3  # interactive plots
+    assert '<img src="static/' in page or "<img src='static/" in page  # and the PNGs
