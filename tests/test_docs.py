@@ -39,13 +39,31 @@ def test_the_docs_folder_has_its_pages():
             "reproducing-the-paper.md", "troubleshooting.md"} <= names
 
 
+def anchors(markdown: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation but - and _
+    dropped, spaces as -."""
+    text = re.sub(r"```.*?```", "", markdown.read_text(encoding="utf-8"), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
 @pytest.mark.parametrize("markdown", [ROOT / "README.md", ROOT / "BENCHMARKS.md", *DOCS],
                          ids=lambda path: path.name)
 def test_relative_links_resolve(markdown):
-    links = relative_links(markdown)
-    broken = [target for target in links
-              if not (markdown.parent / target.split("#")[0]).exists()]
+    text = markdown.read_text(encoding="utf-8")
+    broken = []
+    for target in relative_links(markdown) + [f"#{a}" for a in re.findall(r"\]\(#([^)]+)\)", text)]:
+        path, _, anchor = target.partition("#")
+        file = markdown.parent / path if path else markdown
+        if not file.exists() or (anchor and file.suffix == ".md" and anchor not in anchors(file)):
+            broken.append(target)
     assert broken == [], f"{markdown.name}: broken links {broken}"
+
+
+def test_anchors_follow_githubs_rule(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Losses: `benchmarks/losses.py`\n## Sizing a small data set\n")
+    assert anchors(page) == {"losses-benchmarkslossespy", "sizing-a-small-data-set"}
 
 
 def test_the_link_finder_finds_links(tmp_path):
