@@ -17,9 +17,10 @@ import pipeline.train.runs
 
 from pipeline.stream.augment import normalize
 from pipeline.train.runs import (CachedTeacher, OnlineTeacher, _run, crop_spec, load_model,
-                              student_objective, train_student, train_teacher)
+                              train_student, train_teacher)
 from pipeline.store.dump import dump_logits
-from pipeline.train.losses import PreviousEpochPrior
+from pipeline.train.losses import DistillationObjective
+from pipeline.train.priors import PreviousEpochPrior
 from pipeline.params import Params, ParamsError, check_consistency, parse, to_dict
 from pipeline.data.manifest import file_sha256
 from pipeline.store import StoreMismatchError, open_store
@@ -95,7 +96,7 @@ def test_cached_and_online_teacher_give_the_same_loss(stage_one):
     student_logits = 3 * torch.randn(32, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
     labels = batch["labels"]
     for loss in ("kl", "ikl"):
-        objective = student_objective(tiny_params(loss=loss).student)
+        objective = DistillationObjective(tiny_params(loss=loss).student)
         from_cache = objective(student_logits, labels, cached, None)
         live = objective(student_logits, labels, online, None)
         for term in from_cache:
@@ -141,7 +142,7 @@ def test_cached_quantized_tail_matches_the_online_teacher(stage_one, top2_tail_s
     # The losses and their gradients follow (measured here: 0.7 % off in gradient).
     student_logits = 3 * torch.randn(32, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
     for loss in ("kl", "ikl"):
-        objective = student_objective(tiny_params(loss=loss).student)
+        objective = DistillationObjective(tiny_params(loss=loss).student)
         gradients = []
         for targets in (cached, online):
             logits = student_logits.clone().requires_grad_()
@@ -251,7 +252,7 @@ def test_steps_per_epoch_is_exact_with_any_number_of_workers(stage_one, workers,
                                                              sizes):
     shards_dir, manifest, _, _ = stage_one
     params = tiny_params(loss="ce", workers=workers, drop_last=drop_last)
-    run = _run(params, params.student, manifest, shards_dir, student_objective(params.student),
+    run = _run(params, params.student, manifest, shards_dir, DistillationObjective(params.student),
                store=None, key="student", description="student")
     # The LR schedule spans epochs * steps_per_epoch: every epoch must take exactly that many.
     for epoch in range(3):

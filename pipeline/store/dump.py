@@ -25,7 +25,7 @@ from pipeline.train.runs import crop_spec, load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
 from pipeline.locks import exclusive_writer
-from pipeline.train.losses import ClassPriorAccumulator
+from pipeline.train.priors import ClassPriorAccumulator
 from pipeline.params import Params
 from pipeline.data.manifest import file_sha256, load_manifest
 from pipeline.store import (TAIL_FIT_ROWS, TailBasis, check_image_sides, completed_shards,

@@ -28,7 +28,8 @@ from pipeline.stream.device_decode import batch_pixels
 from pipeline.train.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipeline.distributed import Distributed, distributed
 from pipeline.train.evaluate import predict, top_k_accuracy
-from pipeline.train.losses import DistillationObjective, PreviousEpochPrior
+from pipeline.train.losses import DistillationObjective
+from pipeline.train.priors import PreviousEpochPrior
 from pipeline.locks import exclusive_writer
 from pipeline.params import TrainParams
 

@@ -13,7 +13,8 @@ from pipeline.train.checkpoints import load_model
 from pipeline.stream.device_decode import (check_replay_decode, decode_path, decode_summary,
                                     warn_if_decoded_elsewhere)
 from pipeline.errors import UserError
-from pipeline.train.losses import DistillationObjective, PreviousEpochPrior, distillation_objective
+from pipeline.train.losses import DistillationObjective
+from pipeline.train.priors import PreviousEpochPrior
 from pipeline.train.models import build_model, load_weights
 from pipeline.params import AugmentParams, Params, StudentParams, TrainParams, to_dict
 from pipeline.data.manifest import file_sha256, load_manifest
@@ -57,7 +58,7 @@ def train_teacher(params: Params, name: str, shards_dir: str, out_dir: str,
         raise UserError(f"logits.topk: {params.logits.topk} exceeds the "
                         f"{manifest['num_classes']} classes of {shards_dir}; set logits.topk "
                         f"<= {manifest['num_classes']} before training the teacher")
-    run = _run(params, settings, manifest, shards_dir, distillation_objective("ce"),
+    run = _run(params, settings, manifest, shards_dir, DistillationObjective(),
                store=None, key=f"teachers.{name}", description=name)
     return fit(_new_model(settings, manifest, params.seed), run, out_dir, live_dir)
 
@@ -68,7 +69,7 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
     `student.online_teacher`)."""
     settings = params.student
     manifest = load_manifest(shards_dir)
-    objective = student_objective(settings)
+    objective = DistillationObjective(settings)
     device = distributed().device
     store, targets = None, None
     # GI prior: the store's (exact, from the first step) or the previous epoch's (official).
@@ -128,22 +129,6 @@ def student_decode_path(settings: StudentParams, device: torch.device,
     check_replay_decode(store.path, recorded, path)
     warn_if_decoded_elsewhere(store.path, store.attributes.get("decode_device"), path, device)
     return path
-
-
-def student_objective(settings: StudentParams) -> DistillationObjective:
-    """The objective named by `student.loss`, with that loss's options."""
-    if settings.loss == "kl":
-        return distillation_objective("kl", ce_weight=settings.ce_weight,
-                                      weight=settings.kl.weight,
-                                      temperature=settings.kl.temperature)
-    if settings.loss == "ikl":
-        ikl = settings.ikl
-        return distillation_objective(
-            "ikl", ce_weight=settings.ce_weight, alpha=ikl.alpha, beta=ikl.beta,
-            temperature=ikl.temperature, weight_temperature=ikl.weight_temperature,
-            gamma=ikl.gamma, normalize=ikl.normalize,
-            use_class_prior=ikl.weights == "class_prior")
-    return distillation_objective("ce", ce_weight=settings.ce_weight)
 
 
 class CachedTeacher:
