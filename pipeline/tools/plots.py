@@ -84,9 +84,10 @@ def plot_per_class(models: list[PerClass], settings: EvaluateParams, out: str | 
     figure = Figure(figsize=(PANEL_SIZE[0] * panels, PANEL_SIZE[1]), layout="constrained")
     all_axes = figure.subplots(1, panels, squeeze=False)[0]
     axes = all_axes[:len(models)]
-    for ax in axes[1:]:
+    for ax in axes[1:]:  # the per-class panels share their axes; the reliability one does not
         ax.sharex(axes[0])
         ax.sharey(axes[0])
+        ax.tick_params(labelleft=False)
     counts = [n for model in models for n in model.train_counts]
     low, high = min(counts) / 1.25, max(counts) * 1.25
     for ax, model in zip(axes, models):
