@@ -106,6 +106,9 @@ class TrainParams:
     # weights/, which DVC tracks); "" trains from random initialisation.
     weights: str = ""
     reset_head: bool = False  # re-initialise a head trained for another number of classes
+    # Seeds this model's initial weights and row order; null: the global `seed`. The data and
+    # the views stay those of the global seed (a teacher seed leaves the prepared shards alone).
+    seed: int | None = _param(None, at_least(0))
 
 
 @dataclass(frozen=True)

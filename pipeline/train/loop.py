@@ -11,6 +11,7 @@ progress bar, and per-epoch metrics and plots through dvclive. On CUDA: bf16 aut
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -93,14 +94,19 @@ def _fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | P
         for epoch in range(start_epoch, settings.epochs):
             progress = tqdm(total=run.steps_per_epoch, disable=not ranks.is_main,
                             desc=f"{run.description}: epoch {epoch + 1}/{settings.epochs}")
+            wall, cpu = time.perf_counter(), time.process_time()  # this process, all threads
             sums, last_lr = _train_epoch(trained, run, epoch, optimizer, scheduler, ranks,
                                          progress)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             if run.class_prior is not None:  # all ranks' crops of this epoch -> the next prior
                 run.class_prior.end_epoch(ranks.all_reduce_)
             totals = dict(zip(sums, ranks.sum(list(sums.values()))))
             samples = totals.pop("samples")
             metrics = {f"train/{name}": total / samples for name, total in totals.items()}
             metrics["train/lr"] = last_lr  # the rate of the epoch's last step
+            # The epoch's training time on this rank (validation excluded): the cost per
+            # student that the results table puts beside accuracy.
+            metrics["time/epoch_wall_s"], metrics["time/epoch_cpu_s"] = wall, cpu
             metrics.update(validate(model, run.val_batches(), ranks, settings.precision))
             if run.test_batches is not None:  # the official protocol's number, for comparison
                 test = validate(model, run.test_batches(), ranks, settings.precision)

@@ -60,7 +60,8 @@ def train_teacher(params: Params, name: str, shards_dir: str, out_dir: str,
                         f"<= {manifest['num_classes']} before training the teacher")
     run = _run(params, settings, manifest, shards_dir, DistillationObjective(),
                store=None, key=f"teachers.{name}", description=name)
-    return fit(_new_model(settings, manifest, params.seed), run, out_dir, live_dir)
+    seed = params.seed if settings.seed is None else settings.seed
+    return fit(_new_model(settings, manifest, seed), run, out_dir, live_dir)
 
 
 def train_student(params: Params, shards_dir: str, store_path: str, teacher_checkpoint: str,
@@ -195,8 +196,8 @@ def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
     val_split = "val" if "val" in manifest["splits"] else "test"
     is_student = isinstance(settings, StudentParams)
     views_per_decode = settings.views_per_decode if is_student else 1
-    # The student's own seed orders its rows; its views stay the store's (the global seed).
-    shuffle_seed = settings.seed if is_student else None
+    # A model's own seed orders its rows; its views stay the global seed's (the store's).
+    shuffle_seed = settings.seed
     ranks = distributed()
     pin = ranks.device.type == "cuda"
     batch_size = rank_batch_size(settings.batch_size, ranks.world_size, key)
