@@ -17,7 +17,7 @@ CHECKSUMS = "checksums"  # (num_shards, V, A) uint32: crc32 of each view chunk o
 LABEL_CHECKSUMS = "label_checksums"  # (num_shards,) uint32
 PRIOR_GROUP = "class_prior"
 TAIL_BASIS_ARRAYS = ("tail_mean", "tail_basis", "tail_scales")  # per store, quantised tail only
-MAX_VIEWS = 2**20  # views drawn fresh for teachers start above the cached ones (stream.py)
+MAX_VIEWS = 2**20  # views a store may cache; a teacher's fresh views start past them (loader.py)
 
 
 class StoreMismatchError(UserError):
