@@ -16,16 +16,22 @@ PARAMS = {"seed": 0, "student": {"seed": None, "loss": "ikl", "online_teacher": 
 def test_rows_seeds_targets_and_the_runs_the_workspace_already_holds():
     assert row_overrides(ROWS["ikl-exact"], 2, 100) == [
         "student.seed=2", "student.loss=ikl", "logits.topk=100", "logits.tail=none"]
-    assert row_overrides(ROWS["teachers"], 1, 100) == ["teachers.teacher.seed=1",
-                                                       "teachers.baseline.seed=1"]
-    assert targets(ROWS["teachers"]) == ["evaluate_teacher@teacher", "evaluate_teacher@baseline"]
+    assert row_overrides(ROWS["baseline"], 1, 100) == ["teachers.baseline.seed=1"]
+    assert targets(ROWS["baseline"]) == ["evaluate_teacher@baseline"]
     assert targets(ROWS["ikl-none"]) == ["evaluate_student"]
+
+
+def test_the_runs_the_workspace_already_holds(tmp_path):
+    for model in ("student", "teacher"):
+        (tmp_path / "results" / model).mkdir(parents=True)
+        (tmp_path / "results" / model / "test.json").write_text("{}")
     # A null seed is the global seed: seed 0 of the preset's own rows is the workspace's run.
-    assert is_workspace(ROWS["ikl"], 0, PARAMS, 100)
-    assert is_workspace(ROWS["teachers"], 0, PARAMS, 100)
-    assert not is_workspace(ROWS["ikl"], 1, PARAMS, 100)
-    assert not is_workspace(ROWS["ikl-online"], 0, PARAMS, 100)
-    assert not is_workspace(ROWS["ikl-exact"], 0, PARAMS, 100)
+    assert is_workspace(ROWS["ikl"], 0, PARAMS, 100, tmp_path)
+    assert is_workspace(ROWS["teacher"], 0, PARAMS, 100, tmp_path)
+    assert not is_workspace(ROWS["baseline"], 0, PARAMS, 100, tmp_path)  # no results there
+    assert not is_workspace(ROWS["ikl"], 1, PARAMS, 100, tmp_path)
+    assert not is_workspace(ROWS["ikl-online"], 0, PARAMS, 100, tmp_path)
+    assert not is_workspace(ROWS["ikl-exact"], 0, PARAMS, 100, tmp_path)
 
 
 def test_queue_order_is_block_by_block_and_seed_by_seed():
@@ -68,4 +74,4 @@ def test_paired_differences_per_seed(capsys):
 
 @pytest.mark.parametrize("name", list(ROWS))
 def test_every_row_names_its_models(name):
-    assert ROWS[name].models in (("student",), ("teacher", "baseline"))
+    assert ROWS[name].model in ("student", "teacher", "baseline")

@@ -2,7 +2,7 @@
 
     python -m pipeline.tools.results_table --preset glyphs_lt          # queue, run, tabulate
     python -m pipeline.tools.results_table --preset glyphs_lt --collect-only
-    python -m pipeline.tools.results_table --preset digits --rows teachers ikl --queue-only
+    python -m pipeline.tools.results_table --preset digits --rows teacher baseline --queue-only
 
 Run it in a workspace where the preset's `dvc repro` has finished and `params.yaml` and
 `dvc.lock` are committed: the stores and models are then in DVC's cache, and each experiment
@@ -10,10 +10,10 @@ reruns only the stages its row needs. Each row x seed is queued as
 `dvc exp run --queue -n ROW-sSEED -S <seed> -S <the row's overrides> <targets>`; the queue runs
 them one at a time (`dvc queue start --jobs 1`). Student rows set `student.seed` (initial
 weights and row order; the data, teachers and views stay fixed) and run `evaluate_student`
-(with a store option, its `dump_logits@teacher` first). The `teachers` row sets
-`teachers.NAME.seed` of the teacher and the baseline and runs their `evaluate_teacher` stages.
-A row x seed identical to the workspace (the preset's own student, or the teachers, at the
-global `seed`: a null seed is that seed, bit for bit) is read from the workspace, not rerun.
+(with a store option, its `dump_logits@teacher` first); the `teacher` and `baseline` rows set
+`teachers.NAME.seed` (the same, for that model) and run its `evaluate_teacher@NAME`. A row x
+seed identical to the workspace (the preset's own student or a teacher at the global `seed`: a
+null seed is that seed, bit for bit) is read from the workspace's results, not rerun.
 
 The table: mean +- std (sample std, n - 1) over the seeds of test top-1, many / medium / few,
 ECE (15 bins, fraction), NLL (nats), and the median training wall and CPU time per epoch (the
@@ -43,18 +43,19 @@ from pipeline.errors import UserError
 METRICS = ("top1", "many", "medium", "few", "ece", "nll")
 PAIRED = ("top1", "few", "ece", "nll")  # the paired differences printed per pair
 TIMES = ("time/epoch_wall_s", "time/epoch_cpu_s")
-TEACHERS = ("teacher", "baseline")  # the models of the `teachers` row
 
 
 @dataclass(frozen=True)
 class Row:
     label: str
     overrides: tuple[str, ...] = ()  # `-S` overrides; {classes} is the data set's C
-    models: tuple[str, ...] = ("student",)  # results/NAME/ folders this row reports
+    model: str = "student"  # the results/NAME/ folder this row reports: a teacher's or
+    # the student's (a teacher row sets `teachers.NAME.seed`, a student row `student.seed`)
 
 
 ROWS = {
-    "teachers": Row("teacher and CE baseline", models=TEACHERS),
+    "teacher": Row("teacher, CE", model="teacher"),
+    "baseline": Row("baseline (the student's arch), CE", model="baseline"),
     "ce": Row("student, CE on the cached views", ("student.loss=ce",)),
     "kl": Row("student, KL-KD", ("student.loss=kl",)),
     "kl-w4": Row("student, KL-KD at weight 4, quantised store",
@@ -79,8 +80,9 @@ ROWS = {
 # comparisons that matter most can be read (paired) first, while the rest still runs.
 PRESETS = {
     "glyphs_lt": ("glyphs_lt", [["ikl", "ikl-online"], ["ikl-none", "ikl-exact"],
-                                ["kl-w4", "kl-w4-online"], ["teachers"]]),
-    "digits": ("digits_lt", [["teachers"], ["ce", "kl", "ikl", "ikl-gi", "ikl-online"]]),
+                                ["kl-w4", "kl-w4-online"], ["teacher", "baseline"]]),
+    "digits": ("digits_lt", [["teacher", "baseline"],
+                             ["ce", "kl", "ikl", "ikl-gi", "ikl-online"]]),
 }
 
 
@@ -104,8 +106,8 @@ def lookup(params: dict, dotted: str):
 
 
 def seed_overrides(row: Row, seed: int) -> list[str]:
-    if row.models == TEACHERS:
-        return [f"teachers.{name}.seed={seed}" for name in TEACHERS]
+    if row.model != "student":
+        return [f"teachers.{row.model}.seed={seed}"]
     return [f"student.seed={seed}"]
 
 
@@ -114,14 +116,14 @@ def row_overrides(row: Row, seed: int, classes: int) -> list[str]:
 
 
 def targets(row: Row) -> list[str]:
-    if row.models == TEACHERS:
-        return [f"evaluate_teacher@{name}" for name in TEACHERS]
-    return ["evaluate_student"]
+    return ["evaluate_student" if row.model == "student" else f"evaluate_teacher@{row.model}"]
 
 
-def is_workspace(row: Row, seed: int, params: dict, classes: int) -> bool:
-    """Whether the workspace's own results are this row x seed: every override holds already
-    and the seed is the one a null seed means (the global `seed`)."""
+def is_workspace(row: Row, seed: int, params: dict, classes: int, root: Path) -> bool:
+    """Whether the workspace's own results are this row x seed: they exist, every override
+    holds already and the seed is the one a null seed means (the global `seed`)."""
+    if not (root / "results" / row.model / "test.json").is_file():
+        return False
     for override in row_overrides(row, seed, classes):
         key, value = override.split("=", 1)
         current = lookup(params, key)
@@ -141,7 +143,7 @@ def queue(root: Path, blocks: list[list[str]], seeds: list[int], params: dict,
           classes: int) -> None:
     for name, seed in queue_order(blocks, seeds):
         row = ROWS[name]
-        if is_workspace(row, seed, params, classes):
+        if is_workspace(row, seed, params, classes, root):
             continue
         overrides = row_overrides(row, seed, classes)
         dvc(root, "exp", "run", "--queue", "-n", f"{name}-s{seed}",
@@ -202,15 +204,13 @@ def collect(root: Path, rows: list[str], seeds: list[int], params: dict,
     for name in rows:
         row = ROWS[name]
         for seed in seeds:
-            workspace = is_workspace(row, seed, params, classes)
+            workspace = is_workspace(row, seed, params, classes, root)
             if not workspace and f"{name}-s{seed}" not in found:
                 continue
-            revision = None if workspace else found[f"{name}-s{seed}"]
-            for model in row.models:
-                figures = run_figures(root, revision, model)
-                label = row.label if row.models == ("student",) else model
-                if figures is not None:
-                    table.setdefault(label, {})[seed] = figures
+            figures = run_figures(root, None if workspace else found[f"{name}-s{seed}"],
+                                  row.model)
+            if figures is not None:
+                table.setdefault(row.label, {})[seed] = figures
     return table
 
 

@@ -93,8 +93,8 @@ def group_members(settings: EvaluateParams) -> dict:
 def reliability_bins(logits: torch.Tensor, labels: torch.Tensor,
                      bins: int = CALIBRATION_BINS) -> list[dict]:
     """The reliability diagram's data: the confidence range [0, 1] cut into `bins` equal-width
-    bins, bin m holding the samples whose confidence (the largest softmax probability of
-    `logits` (N, C)) lies in ((m - 1) / bins, m / bins] (the first bin also holds 0). Per bin:
+    bins, bin m (from 0) holding the samples whose confidence (the largest softmax probability
+    of `logits` (N, C)) lies in (m / bins, (m + 1) / bins] (bin 0 also holds 0). Per bin:
     `lower`, `upper`, `count`, mean `confidence` and `accuracy` (fractions; NaN when empty)."""
     confidence, predicted = torch.softmax(logits.double(), dim=1).max(dim=1)  # (N,), (N,)
     correct = (predicted == labels).double()  # (N,)
