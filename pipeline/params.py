@@ -106,6 +106,9 @@ class TrainParams:
     # weights/, which DVC tracks); "" trains from random initialisation.
     weights: str = ""
     reset_head: bool = False  # re-initialise a head trained for another number of classes
+    # Seeds this model's initial weights and row order; null: the global `seed`. The data and
+    # the views stay those of the global seed (a teacher seed leaves the prepared shards alone).
+    seed: int | None = _param(None, at_least(0))
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,8 @@ class LogitsParams:
     views: int = _param(8, at_least(1))  # V seeded views per row
     topk: int = _param(5, at_least(1))  # k logits kept exactly per view (k = C: all of them)
     # none: the top-k only (smallest; right for KL-KD, IKL needs the tail); quantized: every
-    # other class's logit too, one byte each (pipeline/store/encoding.py)
+    # other class's logit too, within about 0.03 logit, as int8 PCA coefficients and int16
+    # residuals (pipeline/store/tail.py)
     tail: str = _param("quantized", one_of("none", "quantized"))
     image_size: int = _param(224, at_least(8))  # the teacher's input side
     batch_size: int = _param(256, at_least(1))

@@ -2,7 +2,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.tools.cli import cli
-from pipeline.train.runs import student_objective
+from pipeline.train.losses import DistillationObjective
 from pipeline.params import Params, check_consistency, parse
 from pipeline.tools.presets import (BASE_PARAMS, IMAGENET_LT_ROWS, OFFICIAL_REPOSITORY,
                               apply_overrides, exp_run_command)
@@ -79,7 +79,7 @@ def test_every_official_script_has_a_row_with_its_settings():
             assert load_row(name).teachers[arch].arch == arch
             continue
         student = load_row(name).student
-        objective = student_objective(student)
+        objective = DistillationObjective(student)
         assert objective.needs_teacher
         assert (student.teacher, student.arch) == (teacher, arch), name
         assert student.loss == ("kl" if loss == "kl" else "ikl"), name

@@ -1,12 +1,12 @@
 """Stage one's dump: every train row, V seeded views, the teacher's top-k logits, into the
-teacher's Zarr store (contract: shared/DESIGN.md and pipeline/store/).
+teacher's Zarr store (format: pipeline/store/ and docs/store-format.md).
 
 Per WebDataset shard: decode each image once, draw its V views from (seed, view, row), run the
-teacher (eval mode, no gradients) on each view, keep the top-k raw logits, their classes and
-the log-sum-exp over all classes (and, with `logits.tail: quantized`, every other class's logit,
-quantised), and add the full logits to the exact class priors. A shard is
-written whole, marker last, so a rerun after a crash skips complete shards and rewrites a
-partial one. The store is marked complete only after every shard and the priors are written.
+teacher (eval mode, no gradients) on each view, keep the top-k log-probabilities (logit -
+logsumexp), their classes and the log-sum-exp over all classes (and, with `logits.tail:
+quantized`, every other class's logit, quantised), and add the full logits to the exact class
+priors. A shard is written whole, marker last, so a rerun after a crash skips complete shards
+and rewrites a partial one. The store is marked complete only after every shard and the priors are written.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.stream.augment import CropSpec, draw_views, normalize
+from pipeline.stream.augment import CropSpec, crop_spec, draw_views, normalize
 from pipeline.stream.device_decode import (DEVICE_DECODE, cut_views, decode_on_device, decode_path,
                                     decode_summary, worker_payload)
-from pipeline.train.runs import crop_spec, load_model
+from pipeline.train.checkpoints import load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
 from pipeline.locks import exclusive_writer
 from pipeline.storage import storage_errors
-from pipeline.train.losses import ClassPriorAccumulator
+from pipeline.train.priors import ClassPriorAccumulator
 from pipeline.params import Params
 from pipeline.data.manifest import file_sha256, load_manifest
 from pipeline.store import (TAIL_FIT_ROWS, TailBasis, check_image_sides, completed_shards,

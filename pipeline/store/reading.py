@@ -18,8 +18,8 @@ from pipeline.store.encoding import FORMAT_VERSION, decode_boxes, decode_fields,
 from pipeline.store.tail import TailBasis
 from pipeline.store.layout import (
     CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, ClassPriorNotFoundError, StoreCorruptError,
-    StoreMismatchError, chunk_checksum, has_tail, prior_name, validate_attributes, view_arrays)
-from pipeline.store.writing import _json_normalise, _short, read_tail_basis, shard_bounds
+    StoreMismatchError, chunk_checksum, has_tail, json_normalise, prior_name, read_tail_basis,
+    shard_bounds, short_repr, validate_attributes, view_arrays)
 
 # The fields of a view that make its teacher logits (what the student's batches carry).
 LOGIT_FIELDS = ("topk_log_probs", "topk_classes", "logsumexp", "tail_coefficients",
@@ -43,10 +43,10 @@ def open_store(path: str, *, fingerprint: str | None = None, seed: int | None = 
     expected = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "seed": seed,
                 "teacher_sha256": teacher_sha256}
     for key, value in expected.items():
-        if value is not None and attrs.get(key) != _json_normalise(value):
+        if value is not None and attrs.get(key) != json_normalise(value):
             raise StoreMismatchError(
                 f"logit store {path} does not match: {key} expected {value!r}, found "
-                f"{_short(attrs.get(key))}. The store was dumped for another dataset, seed, "
+                f"{short_repr(attrs.get(key))}. The store was dumped for another dataset, seed, "
                 "teacher or store format; rerun dump_logits (dvc repro) to rebuild it.")
     validate_attributes(path, attrs, group)
     if require_complete and not attrs.get("complete"):
