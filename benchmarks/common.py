@@ -1,10 +1,17 @@
-"""Shared helpers of the timing benchmarks (epoch_cost, loader, dump_overhead, gpu_check).
+"""Shared helpers of the benchmarks; the one timing harness of every timing script.
+
+Harness: each measurement runs in a fresh child process (`run_child`), configurations alternate
+over rounds with their order rotated every round (`alternate`: load from other processes hits
+all alike), figures are medians over rounds (`median`) and ratios medians of the per-round
+ratios (`median_ratio`), wall and the process's CPU time, with the load average beside them
+(`machine_line`, `load_line`).
 
 Data: the embedded digits-LT shards, or a generated ImageFolder of structured synthetic JPEGs
 (per class a colour layout and a shape, per image jitter, texture noise and a random size),
 prepared into shards through pipeline.data.shards like any user data. Teachers: a randomly
 initialised model whose BatchNorm statistics are calibrated on a few batches (so its eval-mode
-logits have a realistic scale), saved in the checkpoint format pipeline.train.runs.load_model reads.
+logits have a realistic scale), saved in the checkpoint format that
+pipeline.train.checkpoints.load_model reads.
 Timing: `TimedBatches` wraps one epoch of batches and records the wall time of the whole pass
 (from iter() to exhaustion: every step of the epoch, as the training loop runs it) and the part
 spent waiting inside the loader's next(); `run_child` runs one measurement in a fresh process.
@@ -84,6 +91,23 @@ def run_child(script: str, arguments: list[str], cwd: str | Path | None = None,
         raise RuntimeError(f"child {' '.join(command)} failed ({result.returncode}):\n"
                            f"{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def alternate(rounds: int, names: Iterable[str], run: Callable[[str], dict]) -> dict:
+    """{name: [run(name) of each round]}: every name once a round, `rounds` rounds, the order
+    rotated by one every round."""
+    names = list(names)
+    runs = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(run(name))
+    return runs
+
+
+def median_ratio(numerators: list[dict], denominators: list[dict], key: str) -> float:
+    """The median over rounds of numerator[key] / denominator[key], round by round."""
+    return median(a[key] / b[key] for a, b in zip(numerators, denominators))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +306,8 @@ def dataset_line(manifest: dict) -> str:
 def write_teacher_checkpoint(path: Path, arch: str, num_classes: int, image_size: int,
                              fingerprint: str, seed: int = 0) -> Path:
     """An untrained `arch` with BatchNorm statistics calibrated on random images, saved with the
-    keys pipeline.train.runs.load_model reads. Timing does not depend on what a teacher knows."""
+    keys pipeline.train.checkpoints.load_model reads. Timing does not depend on what a teacher
+    knows."""
     if path.is_file():
         return path
     torch.manual_seed(seed)

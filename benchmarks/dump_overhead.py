@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (dataset_line, forward_macs, machine_line, make_params, median,  # noqa: E402
-                    prepare_digits, prepare_synthetic, run_child, verdict,
-                    write_teacher_checkpoint)
+from common import (alternate, dataset_line, forward_macs, machine_line,  # noqa: E402
+                    make_params, median, median_ratio, prepare_digits, prepare_synthetic,
+                    run_child, verdict, write_teacher_checkpoint)
 
 OVERHEAD_GOAL = 1.15  # dump time / teacher inference time, at most
 DATASETS = {  # name -> teacher arch, image size, views, top-k, augmentation
@@ -126,7 +126,8 @@ def inference_child(folder: Path) -> dict:
     import webdataset as wds
 
     from pipeline.stream.augment import apply_view, draw_views, normalize
-    from pipeline.train.runs import crop_spec, load_model
+    from pipeline.stream.augment import crop_spec
+    from pipeline.train.checkpoints import load_model
     from pipeline.data.manifest import load_manifest
     from pipeline.stream.loader import decode, split_shards
 
@@ -180,14 +181,9 @@ def profile_child(folder: Path) -> dict:
 
 
 def measure(info: dict, args) -> dict:
-    dumps, inferences = [], []
-    for round_index in range(args.rounds):
-        arguments = lambda mode: ["--child", mode, str(info["folder"]),  # noqa: E731
-                                  "--threads", str(args.threads)]
-        pair = [("dump", dumps), ("inference", inferences)]
-        for mode, results in (pair if round_index % 2 == 0 else pair[::-1]):
-            results.append(run_child(__file__, arguments(mode), cwd=info["folder"]))
-    return {"dump": dumps, "inference": inferences}
+    return alternate(args.rounds, ("dump", "inference"), lambda mode: run_child(
+        __file__, ["--child", mode, str(info["folder"]), "--threads", str(args.threads)],
+        cwd=info["folder"]))
 
 
 def report(info: dict, runs: dict, args) -> None:
@@ -203,7 +199,7 @@ def report(info: dict, runs: dict, args) -> None:
         dump = median(r[key] for r in dumps)
         phases = {name: median(r[name][key] for r in inferences) for name in inferences[0]}
         rest = dump - sum(phases.values())
-        ratio = median(d[key] / i["inference"][key] for d, i in zip(dumps, inferences))
+        ratio = median_ratio(dumps, [i["inference"] for i in inferences], key)
         parts = ", ".join(f"{name} {seconds:.2f} s ({100 * seconds / dump:.1f}%)"
                           for name, seconds in phases.items())
         print(f"   {what:>4}: dump {dump:.2f} s = {parts}, rest {rest:.2f} s "

@@ -79,7 +79,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_line, median, run_child  # noqa: E402
+from common import alternate, load_line, median, run_child  # noqa: E402
 from common import verdict as goal_verdict  # noqa: E402
 from gpu_check_data import HELD_OUT, prepare_child  # noqa: E402
 from gpu_check_decoder import HAZARD_TRIALS, decoder_child  # noqa: E402
@@ -133,7 +133,7 @@ def step_section(settings: dict, command: list[str], memory: str) -> dict:
     print(f"\n1. the step alone: pipeline.train.loop.fit on in-memory batches, {settings['steps']} "
           f"timed steps after {settings['warmup']} warm-up steps, median over "
           f"{settings['rounds']} round(s) (CE and IKL alternating, fresh processes)")
-    runs = alternate(settings["rounds"], lambda loss: run_child(
+    runs = alternate(settings["rounds"], ("ce", "ikl"), lambda loss: run_child(
         __file__, ["--child", "step", loss, *command]))
     for loss, label in (("ce", "plain CE"), ("ikl", "cached IKL-KD")):
         print(f"  {label:<14} {median(r['samples_per_s'] for r in runs[loss]):9.1f} samples/s"
@@ -161,7 +161,7 @@ def fed_section(settings: dict, command: list[str], memory: str, alone: dict | N
     print(f"\n2. fed training: pipeline.train.runs.train_student, decode gpu, "
           f"DataLoader workers {settings['workers']}, 2 epochs, epoch 2 timed; median over "
           f"{settings['rounds']} round(s)")
-    runs = alternate(settings["rounds"], lambda loss: run_child(
+    runs = alternate(settings["rounds"], ("ce", "ikl"), lambda loss: run_child(
         __file__, ["--child", "fed", loss, *command]))
     figures = {loss: fed_figures(records) for loss, records in runs.items()}
     for loss, label in (("ce", "plain CE"), ("ikl", "cached IKL-KD")):
@@ -283,15 +283,6 @@ def decoder_section(settings: dict, command: list[str], smoke: bool) -> list:
     return [("decoder difference below the store's quantisation error",
              f"{logits['trained']['centred_rms']:.2e} vs {logits['store']['centred_rms']:.2e}",
              below)]
-
-
-def alternate(rounds: int, run) -> dict:
-    """run("ce") and run("ikl") `rounds` times, their order swapped every round."""
-    runs = {"ce": [], "ikl": []}
-    for round_index in range(rounds):
-        for loss in (("ce", "ikl") if round_index % 2 == 0 else ("ikl", "ce")):
-            runs[loss].append(run(loss))
-    return runs
 
 
 def guarded(title: str, section, *args):

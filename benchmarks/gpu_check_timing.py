@@ -135,7 +135,8 @@ def synthetic_batches(settings: dict, pin: bool, basis) -> list[dict]:
 
 def step_child(loss: str, settings: dict) -> dict:
     """fit() the student for warmup + steps steps with `loss` ("ce" or "ikl")."""
-    from pipeline.train.runs import CachedTeacher, student_objective
+    from pipeline.train.losses import DistillationObjective
+    from pipeline.train.runs import CachedTeacher
     from pipeline.train.models import build_model
     from pipeline.params import StudentParams
     from pipeline.train.loop import TrainRun, fit
@@ -145,7 +146,7 @@ def step_child(loss: str, settings: dict) -> dict:
     student = StudentParams(arch=settings["arch"], image_size=settings["image_size"], epochs=2,
                             batch_size=settings["batch_size"], lr=LEARNING_RATE, warmup_epochs=0,
                             workers=0, loss=loss)
-    objective = student_objective(student)
+    objective = DistillationObjective(student)
     basis = tail_basis(settings)
     targets = (CachedTeacher(settings["classes"], None, device, basis)
                if objective.needs_teacher else None)
@@ -249,18 +250,15 @@ def loader_child(decode: str, settings: dict, work: Path) -> dict:
     batch_pixels on the device and synchronised, no model: its phases."""
     from pipeline.stream.augment import DECODE
     from pipeline.stream.device_decode import DEVICE_DECODE, batch_pixels
-    from pipeline.train.runs import crop_spec
     from pipeline.data.manifest import load_manifest
     from pipeline.store import open_store
-    from pipeline.stream.loader import ViewSource, split_shards, train_loader
+    from pipeline.stream.loader import StoredViews, split_shards, train_loader
 
     folder, device, sync = data_folder(work, settings), default_device(), device_sync()
     params = make_params(raw_params(settings, folder, "ikl"))
     shards_dir = str(shards_path(folder, settings))
     shards = split_shards(shards_dir, load_manifest(shards_dir), "train")
-    views = ViewSource(params.seed, 0, 1, crop_spec(params.augment),
-                       open_store(str(store_path(folder, settings))),
-                       cached_views=params.logits.views)
+    views = StoredViews(open_store(str(store_path(folder, settings))), 0, params.seed)
     loader = train_loader(shards, views, batch_size=settings["batch_size"],
                           image_size=settings["image_size"], workers=settings["workers"],
                           pin_memory=device.type == "cuda", drop_last=True,

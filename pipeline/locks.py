@@ -6,9 +6,15 @@ start date, and removes it on exit. A second writer is refused at once with one 
 the path and the writer that holds it. A lock left by a process that died (kill -9, a crash,
 a power cut) on this host is taken over: the pid is gone, or now belongs to a process that
 started later (a reused pid). A lock from another host cannot be checked from here; the
-message says to delete it once that writer is known to be gone. Only local paths (and
-file:// URLs) are locked: object stores reached through fsspec (s3://, gs://, ...) offer no
-portable create-if-absent, so writers there are not serialised by this module.
+message says to delete it once that writer is known to be gone.
+
+On object storage (an fsspec URL: s3://, gs://, memory://, ...) the lock is the object
+`<url>.lock`, created with the store's conditional create (fsspec `pipe_file(mode="create")`:
+S3's `If-None-Match: *`), so of two writers racing exactly one gets it; a stale one of this
+host is deleted only if unchanged since it was read (S3's `If-Match` on its ETag). A server
+that ignores `If-None-Match` (older S3-compatible servers) leaves a race of a few
+milliseconds between the existence check and the put; a filesystem without a conditional
+create is not locked, and says so in one line (docs/scaling-out.md).
 """
 
 from __future__ import annotations
@@ -21,7 +27,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import fsspec
+import fsspec.asyn
+
 from pipeline.errors import UserError
+from pipeline.storage import is_remote, storage_errors
 
 
 class LockedError(UserError):
@@ -32,16 +42,17 @@ class LockedError(UserError):
 def exclusive_writer(path: str | Path, what: str) -> Iterator[Path]:
     """Hold `<path>.lock` while the body writes `path` (a folder or file); `what` names the
     writer in messages ("prepare", "training run", "logit dump"). Yields the lock's path
-    (None for a remote fsspec URL, which is not locked)."""
+    (the lock object's URL on object storage; None where that cannot be locked)."""
     text = str(path).rstrip("/")
-    if "://" in text and not text.startswith("file://"):
-        yield None
-        return
-    lock = Path(text.removeprefix("file://") + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
     mine = {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
             "process_start": _process_start(os.getpid()),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if is_remote(text):
+        with remote_lock(text + ".lock", mine, path) as lock:
+            yield lock
+        return
+    lock = Path(text.removeprefix("file://") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
     _acquire(lock, mine, path)
     try:
         yield lock
@@ -72,7 +83,92 @@ def _acquire(lock: Path, mine: dict, path: str | Path) -> None:
     raise LockedError(_held_message(path, lock, _read(lock)))
 
 
-def _held_message(path: str | Path, lock: Path, holder: dict | None) -> str:
+@contextmanager
+def remote_lock(url: str, mine: dict, path: str) -> Iterator[str | None]:
+    """`exclusive_writer` on object storage: the lock object at `url`."""
+    fs, key = fsspec.core.url_to_fs(url)
+    with storage_errors(url):  # the first request: a wrong endpoint or bucket stops here
+        acquired = _acquire_object(fs, key, url, mine, path)
+    if not acquired:
+        yield None
+        return
+    try:
+        yield url
+    finally:
+        holder, tag = _read_object(fs, key)
+        if holder == mine:  # never remove a lock that is no longer ours
+            _delete_object(fs, key, tag)
+
+
+def _acquire_object(fs, key: str, url: str, mine: dict, path: str) -> bool:
+    """Create the lock object, or refuse (LockedError) as `_acquire` does; False when this
+    filesystem has no conditional create (the writer runs unlocked, said in one line)."""
+    data = (json.dumps(mine) + "\n").encode()
+    taken_over = None
+    for _ in range(3):  # a stale lock taken over by another process meanwhile: try again
+        fs.invalidate_cache(key)
+        try:
+            # The existence check first: a server that ignores If-None-Match would overwrite.
+            if fs.exists(key):
+                raise FileExistsError(key)
+            fs.pipe_file(key, data, mode="create")
+        except FileExistsError:
+            holder, tag = _read_object(fs, key)
+            if holder is None and tag is None:  # deleted since: try again
+                continue
+            if holder is None or not _is_stale(holder):
+                raise LockedError(_held_message(path, url, holder)) from None
+            if _delete_object(fs, key, tag):
+                taken_over = holder
+            continue
+        except (NotImplementedError, ValueError, TypeError) as error:
+            print(f"{url}: {type(fs).__name__} has no conditional create ({error}); this "
+                  "writer is not locked: run one writer at a time here (docs/scaling-out.md)")
+            return False
+        if _read_object(fs, key)[0] != mine:  # overwritten: the server ignored If-None-Match
+            raise LockedError(_held_message(path, url, _read_object(fs, key)[0]))
+        if taken_over:
+            print(f"{url}: took over the lock of {_describe(taken_over)}, which is gone")
+        return True
+    raise LockedError(_held_message(path, url, _read_object(fs, key)[0]))
+
+
+def _read_object(fs, key: str) -> tuple[dict | None, str | None]:
+    """(the lock's content or None, its ETag or None); (None, None) when it is missing."""
+    fs.invalidate_cache(key)
+    try:
+        tag = fs.info(key).get("ETag")
+        text = fs.cat_file(key)
+    except FileNotFoundError:
+        return None, None
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return None, tag or ""
+    return (holder if isinstance(holder, dict) else None), tag or ""
+
+
+def _delete_object(fs, key: str, tag: str | None) -> bool:
+    """Delete the lock object only if it is still the one read (S3: `If-Match` on its ETag;
+    elsewhere a plain delete). True when it deleted it."""
+    try:
+        if tag and hasattr(fs, "_call_s3"):
+            bucket, name, _ = fs.split_path(key)
+            fsspec.asyn.sync(fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=name,
+                             IfMatch=tag)
+            fs.invalidate_cache(key)
+        else:
+            fs.rm_file(key)
+    except FileNotFoundError:
+        return False
+    except OSError as error:  # s3fs: 412 PreconditionFailed, the lock changed since
+        if "pre-condition" in str(error).lower() or "precondition" in str(error).lower():
+            return False
+        raise
+    return True
+
+
+def _held_message(path: str | Path, lock: Path | str, holder: dict | None) -> str:
     if holder is None:
         return (f"{path}: another writer is starting (or left an unreadable lock {lock}); "
                 "wait for it, or delete the lock file if no other writer runs")

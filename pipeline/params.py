@@ -120,6 +120,9 @@ class TrainParams:
     # weights/, which DVC tracks); "" trains from random initialisation.
     weights: str = ""
     reset_head: bool = False  # re-initialise a head trained for another number of classes
+    # Seeds this model's initial weights and row order; null: the global `seed`. The data and
+    # the views stay those of the global seed (a teacher seed leaves the prepared shards alone).
+    seed: int | None = _param(None, at_least(0))
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,8 @@ class LogitsParams:
     views: int = _param(8, at_least(1))  # V seeded views per row
     topk: int = _param(5, at_least(1))  # k logits kept exactly per view (k = C: all of them)
     # none: the top-k only (smallest; right for KL-KD, IKL needs the tail); quantized: every
-    # other class's logit too, one byte each (pipeline/store/encoding.py)
+    # other class's logit too, within about 0.03 logit, as int8 PCA coefficients and int16
+    # residuals (pipeline/store/tail.py)
     tail: str = _param("quantized", one_of("none", "quantized"))
     image_size: int = _param(224, at_least(8))  # the teacher's input side
     batch_size: int = _param(256, at_least(1))
@@ -186,8 +190,8 @@ class StudentParams(TrainParams):
     online_teacher: bool = False  # run the teacher live instead of reading the cache
     # Where the student's images (and its teacher's dump) are decoded: `cpu` in the DataLoader
     # workers (Pillow, JPEG draft scales), `gpu` on the training device (nvJPEG on CUDA; the
-    # same code on the CPU without one), `auto`: the store's path when replaying one, else gpu
-    # on CUDA (pipeline/stream/device_decode.py).
+    # same code on the CPU without one), `auto`: the store's path when replaying one, else cpu,
+    # on CUDA too until the gpu path is measured there (pipeline/stream/device_decode.py).
     decode: str = _param("auto", one_of("auto", "cpu", "gpu"))
 
 

@@ -15,22 +15,31 @@ from pipeline.params import load_params
 @click.option("--shards", required=True, help="Folder written by prepare.")
 @click.option("--checkpoint", required=True, help="The model's checkpoint.pt.")
 @click.option("--metrics", "metrics_file", required=True,
-              help="JSON for `dvc metrics show`: top1, top5, many/medium/few.")
+              help="JSON for `dvc metrics show`: top1, top5, many/medium/few, ece, nll, "
+                   "ece_many/medium/few.")
 @click.option("--per-class", "per_class_file", required=True,
               help="CSV: per-class accuracy and train count, for `dvc plots show`.")
 @click.option("--plot", "plot_file", default=None,
-              help="PNG: per-class accuracy against train count (opens offline).")
+              help="PNG: per-class accuracy against train count and the reliability diagram "
+                   "(opens offline).")
+@click.option("--reliability", "reliability_file", default=None,
+              help="CSV: the reliability diagram's 15 confidence bins.")
+@click.option("--evaluated", "evaluated_file", default=None,
+              help="JSON: the checkpoint's sha256, beside the metrics (not a metric).")
 @run_stage
 def main(params_file: str, name: str, shards: str, checkpoint: str, metrics_file: str,
-         per_class_file: str, plot_file: str | None) -> None:
+         per_class_file: str, plot_file: str | None, reliability_file: str | None,
+         evaluated_file: str | None) -> None:
     """Evaluate CHECKPOINT on the test split and write its metrics and per-class table."""
     params = load_params(params_file)
     metrics = evaluate_checkpoint(params.evaluate, shards, checkpoint, metrics_file,
-                                  per_class_file, plot_file, name)
+                                  per_class_file, plot_file, name,
+                                  reliability_file=reliability_file,
+                                  evaluated_file=evaluated_file)
     groups = ", ".join(f"{g} {metrics[g]:.1f}" for g in ("many", "medium", "few")
                        if metrics[g] is not None)
     click.echo(f"{checkpoint}: top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}% "
-               f"({groups})")
+               f"({groups}), ECE {metrics['ece']:.4f}, NLL {metrics['nll']:.4f}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pipeline.train.runs import crop_spec, load_model, train_student
 from pipeline.distributed import distributed
 from pipeline.store.dump import dump_logits
 from pipeline.errors import UserError
-from pipeline.train.losses import class_prior
+from pipeline.train.priors import class_prior
 from pipeline.data.manifest import file_sha256
 from pipeline.store import (
     CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PARTIALS_GROUP, StoreMismatchError, open_store,

@@ -92,6 +92,24 @@ def test_summary_names_the_decode_path_and_device(tmp_path):
     assert "decode       gpu (torchvision-full-v1) on cuda" in result.output
 
 
+def array_table(output: str) -> dict[str, list[str]]:
+    """The summary's array table: array name -> its cells, after checking that every column
+    starts at the same character on every line (the header's)."""
+    lines = output.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.split()[:2] == ["array", "shape"])
+    last = next(i for i, line in enumerate(lines) if line.startswith("  bytes on disk"))
+    table = lines[first:last]
+    rows = {}
+    for line in table:
+        cells = [(match.start(), match.group()) for match in re.finditer(r"\S+(?: \S+)*", line)]
+        rows[cells[0][1]] = cells
+    starts = [[start for start, _ in cells[:-1]] for cells in rows.values()]  # last: right-aligned
+    assert all(row == starts[0] for row in starts), "\n".join(table)
+    ends = {cells[-1][0] + len(cells[-1][1]) for cells in rows.values()}
+    assert len(ends) == 1, "\n".join(table)
+    return {name: [cell for _, cell in cells] for name, cells in rows.items()}
+
+
 def test_summary_prints_shapes_identity_sizes_and_coverage(store_path):
     result = invoke(store_path)
     assert result.exit_code == 0, result.output
@@ -100,12 +118,17 @@ def test_summary_prints_shapes_identity_sizes_and_coverage(store_path):
                  "teacher_a (resnet8)", "ab" * 32, "fp-abc", "(format 3)", "complete     True",
                  "decode       cpu (pil-draft-v1; recorded before decode paths were)",
                  "shards complete 3/3",
-                 "topk_codes      (2, 25, 3)", "uint16", "uint8", "float32",
-                 "topk_classes    (2, 25, 3)", "logsumexp       (2, 25)",
-                 "boxes           (2, 25, 4)", "flips           (2, 25)",
-                 "shards (2, 10, 3) chunks (1, 10, 3)",
                  "bytes on disk", "bytes per view", "compression ratio", "over 50 views"]:
         assert text in out, text
+    table = array_table(out)
+    assert table["array"] == ["array", "shape", "dtype", "shards", "chunks", "stored"]
+    assert table["topk_codes"][:5] == ["topk_codes", "(2, 25, 3)", "uint16", "(2, 10, 3)",
+                                       "(1, 10, 3)"]
+    assert table["topk_classes"][1:3] == ["(2, 25, 3)", "uint8"]
+    assert table["logsumexp"][1:3] == ["(2, 25)", "float32"]
+    assert table["boxes"][1:3] == ["(2, 25, 4)", "uint16"]
+    assert table["flips"][1:3] == ["(2, 25)", "bool"]
+    assert table["labels"][3] == "-"  # not sharded
     mass = topk_mass(open_store(store_path))  # what is stored (checked against numpy above)
     assert f"min {mass.min():.4f}" in out
     assert f"p50 {np.percentile(mass, 50):.4f}" in out
@@ -113,16 +136,16 @@ def test_summary_prints_shapes_identity_sizes_and_coverage(store_path):
     assert "tail_" not in out  # tail: none keeps the top-k only
 
 
-def test_summary_of_a_quantized_tail_store_lists_the_tail_arrays(tmp_path):
+def test_summary_of_a_quantized_tail_store_aligns_the_tail_arrays(tmp_path):
     path, _ = build_store(tmp_path / "tail.zarr", tail="quantized")
     result = invoke(path)
     assert result.exit_code == 0, result.output
+    assert "tail=quantized" in result.output
     components = tail_components(CLASSES)
-    for text in ["tail=quantized", f"tail_coefficients {(2, 25, components)}",
-                 "tail_residuals  (2, 25, 4)", "uint16", "int8",
-                 f"shards (2, 10, {components}) chunks (1, 10, {components})",
-                 "shards (2, 10, 4) chunks (1, 10, 4)"]:
-        assert text in result.output, text
+    table = array_table(result.output)  # the longest name, tail_coefficients, aligned too
+    assert table["tail_coefficients"][1:5] == [
+        f"(2, 25, {components})", "int8", f"(2, 10, {components})", f"(1, 10, {components})"]
+    assert table["tail_residuals"][1:5] == ["(2, 25, 4)", "uint16", "(2, 10, 4)", "(1, 10, 4)"]
 
 
 def test_row_view_shows_classes_names_probabilities_box_and_flip(store_path):

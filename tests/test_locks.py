@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.locks import LockedError, exclusive_writer
 from pipeline.params import DataParams
@@ -104,12 +106,55 @@ def test_locks_that_cannot_be_checked_are_respected(tmp_path, content, message):
     assert lock.exists()  # someone else's: left alone
 
 
-def test_file_urls_are_locked_and_remote_urls_are_not(tmp_path):
+def test_file_urls_and_object_storage_urls_are_locked(tmp_path):
+    """file:// is a local path; other fsspec URLs get a lock object beside them, created only
+    if absent (memory:// here; S3 with If-None-Match in tests/test_s3.py)."""
     with exclusive_writer(f"file://{tmp_path}/out", "logit dump") as lock:
         assert lock == tmp_path / "out.lock" and lock.exists()
-    with exclusive_writer("memory://bucket/out", "logit dump") as lock:
-        assert lock is None
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    memory = fsspec.filesystem("memory")
+    with exclusive_writer("memory://locks_test/out", "logit dump") as lock:
+        assert lock == "memory://locks_test/out.lock"
+        holder = json.loads(memory.cat_file("/locks_test/out.lock"))
+        assert holder["pid"] == os.getpid() and holder["what"] == "logit dump"
+        with pytest.raises(LockedError, match=f"memory://locks_test/out: another logit dump is "
+                                              f"writing here \\(pid {os.getpid()} on host"):
+            with exclusive_writer("memory://locks_test/out", "prepare"):
+                pass
+    assert not memory.exists("/locks_test/out.lock")
+
+
+def test_a_stale_lock_object_of_a_dead_process_is_taken_over(capsys):
+    memory = fsspec.filesystem("memory")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {"what": "logit dump", "pid": dead.pid, "host": socket.gethostname(),
+             "started": "earlier"}
+    memory.pipe_file("/locks_test/stale.lock", json.dumps(stale).encode())
+    with exclusive_writer("memory://locks_test/stale", "logit dump"):
+        assert json.loads(memory.cat_file("/locks_test/stale.lock"))["pid"] == os.getpid()
+    assert f"took over the lock of pid {dead.pid}" in capsys.readouterr().out
+    assert not memory.exists("/locks_test/stale.lock")
+
+
+class NoCreateFileSystem(MemoryFileSystem):
+    """An object store without a conditional create."""
+    protocol = "nocreate"
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        if mode == "create":
+            raise NotImplementedError("no create-if-absent")
+        return super().pipe_file(path, value, **kwargs)
+
+
+def test_a_filesystem_without_conditional_create_runs_unlocked_saying_so(capsys):
+    fsspec.register_implementation("nocreate", NoCreateFileSystem, clobber=True)
+    with exclusive_writer("nocreate://locks_test/out", "logit dump") as lock:
+        assert lock is None
+    assert capsys.readouterr().out.strip() == (
+        "nocreate://locks_test/out.lock: NoCreateFileSystem has no conditional create (no "
+        "create-if-absent); this writer is not locked: run one writer at a time here "
+        "(docs/scaling-out.md)")
 
 
 def test_nested_writer_in_the_same_process_is_refused(tmp_path):

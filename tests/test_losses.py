@@ -1,21 +1,21 @@
 """Losses against slow, obviously-correct references (explicit C x C pair matrices, loops)."""
 
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.params import IKLParams, KLParams, StudentParams, parse
 from pipeline.train.losses import (
-    OBJECTIVES,
-    ClassPriorAccumulator,
+    KD_LOSSES,
+    DistillationObjective,
     IKLDivergenceKD,
     KLDivergenceKD,
-    class_prior,
-    distillation_objective,
     ikl_kd_loss,
     kl_kd_loss,
-    ikl_kd_terms,
 )
+from pipeline.train.priors import ClassPriorAccumulator, class_prior
 from pipeline.store import teacher_logits_from_fields
 
 BATCH, CLASSES = 6, 11
@@ -68,6 +68,12 @@ def reference_ikl(student_logits, teacher_logits, *, alpha, beta, temperature,
     return alpha * reference_soft_ce(student_logits, teacher, temperature) + beta * reference_wmse(
         student_logits, teacher, weights, normalize
     )
+
+
+def ikl_kd_terms(student_logits, teacher_logits, class_weights=None, **options):
+    """IKLTerms from the module holding `options` (IKLParams fields)."""
+    return IKLDivergenceKD(IKLParams(**options)).terms(student_logits, teacher_logits,
+                                                      class_weights)
 
 
 def value_and_grad(loss_fn, student_logits, teacher_logits):
@@ -261,15 +267,15 @@ def test_half_precision_inputs_are_computed_in_float32():
 def test_modules_equal_pure_functions():
     student, teacher = make_logits(torch.float64)
     class_weights = make_class_weights(torch.float64)
-    module = IKLDivergenceKD(alpha=2.0, beta=0.5, gamma=0.3, normalize=True)
+    module = IKLDivergenceKD(IKLParams(alpha=2.0, beta=0.5, gamma=0.3, normalize=True))
     expected = ikl_kd_loss(student, teacher, alpha=2.0, beta=0.5, gamma=0.3, normalize=True,
                            class_weights=class_weights)
     assert module(student, teacher, class_weights) == expected
-    assert KLDivergenceKD(temperature=3.0)(student, teacher) == kl_kd_loss(
+    assert KLDivergenceKD(KLParams(temperature=3.0))(student, teacher) == kl_kd_loss(
         student, teacher, temperature=3.0
     )
     with pytest.raises(ValueError, match="temperature"):
-        KLDivergenceKD(temperature=0.0)
+        KLDivergenceKD(KLParams(temperature=0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,18 +380,19 @@ def test_class_prior_accumulates_over_batches():
 def test_registry_builds_each_loss_and_rejects_unknown():
     student, teacher = make_logits(torch.float32)
     labels = torch.arange(BATCH) % CLASSES
-    ce = distillation_objective("ce")
+    ce = DistillationObjective(StudentParams(loss="ce"))
     assert not ce.needs_teacher
     terms = ce(student, labels)
     assert set(terms) == {"loss", "ce"}
     assert torch.allclose(terms["loss"], F.cross_entropy(student, labels))
 
-    kl = distillation_objective("kl", weight=4.0)
+    kl = DistillationObjective(StudentParams(loss="kl", kl=KLParams(weight=4.0)))
     terms = kl(student, labels, teacher)
     expected = F.cross_entropy(student, labels) + 4.0 * kl_kd_loss(student, teacher, temperature=1)
     assert torch.allclose(terms["loss"], expected)
 
-    ikl = distillation_objective("ikl", alpha=3.0, beta=4.0, ce_weight=0.5)
+    ikl = DistillationObjective(StudentParams(loss="ikl", ce_weight=0.5,
+                                              ikl=IKLParams(alpha=3.0, beta=4.0)))
     student.requires_grad_(True)
     terms = ikl(student, labels, teacher)
     expected = 0.5 * F.cross_entropy(student, labels) + ikl_kd_loss(
@@ -396,22 +403,33 @@ def test_registry_builds_each_loss_and_rejects_unknown():
     assert terms["loss"].requires_grad and not terms["kd_wmse"].requires_grad
 
     with pytest.raises(ValueError, match="ce, ikl, kl"):
-        distillation_objective("dkd")
+        DistillationObjective(StudentParams(loss="dkd"))
+    # The options are the params sections: a wrong option fails there, naming the known ones.
     with pytest.raises(ValueError, match="alpha"):
-        distillation_objective("ikl", beta=1.0)  # alpha missing
-    with pytest.raises(ValueError, match="accepted"):
-        distillation_objective("kl", alpha=1.0)
-    assert set(OBJECTIVES) == {"ce", "kl", "ikl"}
+        parse(StudentParams, {"loss": "ikl", "ikl": {"alph": 1.0}}, "student")
+    with pytest.raises(ValueError, match="known"):
+        parse(StudentParams, {"loss": "kl", "kl": {"alpha": 1.0}}, "student")
+    assert set(KD_LOSSES) == {"ce", "kl", "ikl"}
+    # params accepts exactly the registry's names (one list, checked against the other)
+    _, accepts = {f.name: f for f in dataclasses.fields(StudentParams)}["loss"].metadata["rule"]
+    assert all(accepts(name) for name in KD_LOSSES) and not accepts("dkd")
+
+
+def test_objective_from_params_has_no_teacher_for_a_teacher():
+    objective = DistillationObjective()  # a teacher's: CE on the label alone
+    student, _ = make_logits(torch.float32)
+    labels = torch.arange(BATCH) % CLASSES
+    assert not objective.needs_teacher and not objective.needs_class_prior
+    assert torch.equal(objective(student, labels)["loss"], F.cross_entropy(student, labels))
 
 
 def test_class_prior_objective_requires_class_weights():
     student, teacher = make_logits(torch.float32)
     labels = torch.arange(BATCH) % CLASSES
     prior = class_prior(teacher, labels, CLASSES, weight_temperature=1.0)
-    objective = distillation_objective(
-        "ikl", alpha=4.0, beta=4.0, weight_temperature=1.0, gamma=0.3, normalize=True,
-        use_class_prior=True,
-    )
+    objective = DistillationObjective(StudentParams(loss="ikl", ikl=IKLParams(
+        alpha=4.0, beta=4.0, weight_temperature=1.0, gamma=0.3, normalize=True,
+        weights="class_prior")))
     assert objective.needs_class_prior
     with pytest.raises(ValueError, match="class_weights"):
         objective(student, labels, teacher)
@@ -422,6 +440,4 @@ def test_class_prior_objective_requires_class_weights():
     )
     assert torch.allclose(terms["loss"], expected)
     with pytest.raises(ValueError, match="teacher_logits"):
-        distillation_objective("kl")(student, labels)
-
-
+        DistillationObjective(StudentParams(loss="kl"))(student, labels)

@@ -42,3 +42,21 @@ def test_gitignore_keeps_dvc_plots_and_weights_out():
     lines = (REPO / ".gitignore").read_text().splitlines()
     assert {"dvc_plots/", "/weights/*", "!/weights/README.md"} <= set(lines)
     assert (REPO / "weights" / "README.md").is_file()  # the folder dvc.yaml depends on
+
+
+def test_the_cli_lists_every_command_with_one_line_of_help():
+    """`python -m pipeline --help` (and `ikl-pipeline`, the same click group) names every
+    command on one line with its help, not a truncated sentence."""
+    import subprocess
+    import sys
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"ikl-pipeline": "pipeline.tools.cli:cli"}
+    output = subprocess.run([sys.executable, "-m", "pipeline", "--help"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    commands = output.split("Commands:\n", 1)[1].splitlines()
+    assert {line.split()[0] for line in commands if line.strip()} == set(cli.commands)
+    assert len(commands) == len(cli.commands)  # one line each: nothing wrapped
+    for line in commands:
+        assert len(line) <= 80 and not line.rstrip().endswith("..."), line

@@ -2,6 +2,7 @@
 outside the repository (a hand-kept package list once left pipeline/store out of it)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,8 +19,16 @@ def source_files() -> set[str]:
 
 
 def test_the_wheel_installs_and_every_module_imports_outside_the_repository(tmp_path):
+    # Nothing of the calling environment may point back at the repository.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    # Built from a copy of what a clone holds: an in-tree build would reuse a stale build/.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "pipeline", source / "pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
+                    "-q", "-w", str(tmp_path / "dist"), str(source)], check=True, env=env)
     wheel, = (tmp_path / "dist").glob("*.whl")
     packaged = {name for name in zipfile.ZipFile(wheel).namelist()
                 if name.startswith("pipeline/")}
@@ -29,10 +38,10 @@ def test_the_wheel_installs_and_every_module_imports_outside_the_repository(tmp_
     # this project only from the wheel; run from outside the repository.
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                   check=True)
+                   check=True, env=env)
     python = venv / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                    str(wheel)], check=True)
+                    str(wheel)], check=True, env=env)
     modules = sorted(".".join(Path(name).with_suffix("").parts).removesuffix(".__init__")
                      for name in packaged if name.endswith(".py"))
     modules.remove("pipeline.__main__")  # runs the CLI: checked below as `python -m pipeline`
@@ -41,7 +50,6 @@ def test_the_wheel_installs_and_every_module_imports_outside_the_repository(tmp_
               "    module = importlib.import_module(name)\n"
               f"    assert module.__file__.startswith({str(venv)!r}), module.__file__\n"
               "print(len(sys.modules))\n")
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run([str(python), "-c", script], cwd="/", env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]

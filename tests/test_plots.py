@@ -9,7 +9,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.params import EvaluateParams
-from pipeline.tools.plots import plot_per_class, read_curve, read_per_class
+from pipeline import tools
+from pipeline.tools.plots import (plot_per_class, plot_training_curves, read_curve, read_per_class,
+                                 read_reliability)
 from stages.figures import main as figures_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +31,10 @@ def write_results(results: Path, name: str, top1: list[float], epochs: int) -> N
         "step\tloss\n" + "".join(f"{e}\t{2.0 / (e + 1)}\n" for e in range(epochs)))
     (folder / "train/plots/metrics/val/top1.tsv").write_text(
         "step\ttop1\n" + "".join(f"{e}\t{50 + e}\n" for e in range(epochs)))
+    bins = [f"{m},{m / 15},{(m + 1) / 15},{10 * m},{(m + 0.5) / 15},{top1[0] / 100 * m / 15}"
+            if m > 3 else f"{m},{m / 15},{(m + 1) / 15},0,nan,nan" for m in range(15)]
+    (folder / "reliability.csv").write_text("bin,lower,upper,count,confidence,accuracy\n"
+                                            + "\n".join(bins) + "\n")
 
 
 def assert_offline_png(path: Path) -> None:
@@ -58,8 +64,8 @@ def test_figures_stage_writes_offline_pngs(tmp_path):
     assert [p.name for p in written] == ["per_class.png", "training_curves.png"]
     for path in written:
         assert_offline_png(path)
-    with Image.open(written[0]) as image:  # three panels side by side: wider than tall
-        assert image.size[0] > 2.5 * image.size[1]
+    with Image.open(written[0]) as image:  # three models + the reliability panel in a row
+        assert image.size[0] > 3.5 * image.size[1]
 
 
 def test_figures_stage_needs_results(tmp_path):
@@ -79,6 +85,32 @@ def test_per_class_plot_and_curves_read_what_the_stages_write(tmp_path):
     assert read_curve(tmp_path / "m/train", "val/top5") == ([], [])
     plot_per_class([table], EvaluateParams(), tmp_path / "one.png")  # NaN class: no crash
     assert_offline_png(tmp_path / "one.png")
+
+
+def test_reliability_reads_the_non_empty_bins(tmp_path):
+    write_results(tmp_path, "m", [80.0] * 10, epochs=1)
+    curve = read_reliability(tmp_path / "m/reliability.csv", "m (resnet8)")
+    assert curve.count == [10 * m for m in range(4, 15)]
+    assert curve.confidence == [(m + 0.5) / 15 for m in range(4, 15)]
+    assert curve.accuracy == [0.8 * m / 15 for m in range(4, 15)]
+
+
+def test_a_model_without_a_training_curve_keeps_one_colour_per_model(tmp_path, monkeypatch):
+    # teacher: weights used as they are (epochs 0): a val/top1 point but no train/loss curve.
+    write_results(tmp_path, "teacher", [90.0] * 10, epochs=1)
+    (tmp_path / "teacher/train/plots/metrics/train/loss.tsv").unlink()
+    write_results(tmp_path, "baseline", [80.0] * 10, epochs=3)
+    write_results(tmp_path, "student", [85.0] * 10, epochs=3)
+    figures = []
+    monkeypatch.setattr(tools.plots, "_save", lambda figure, out: figures.append(figure))
+    plot_training_curves({name: tmp_path / name / "train"
+                          for name in ("teacher", "baseline", "student")}, tmp_path / "c.png")
+    loss_ax, top1_ax = figures[0].axes
+    colours = [{line.get_label(): line.get_color() for line in ax.lines}
+               for ax in (loss_ax, top1_ax)]
+    assert set(colours[0]) == {"baseline", "student"} and len(colours[1]) == 3
+    assert all(colours[1][name] == colour for name, colour in colours[0].items())
+    assert len(set(colours[1].values())) == 3
 
 
 def test_dvc_yaml_declares_every_png_as_an_uncached_plot():

@@ -2,7 +2,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.tools.cli import cli
-from pipeline.train.runs import student_objective
+from pipeline.train.losses import DistillationObjective
 from pipeline.params import Params, check_consistency, parse
 from pipeline.tools.presets import (BASE_PARAMS, IMAGENET_LT_ROWS, OFFICIAL_REPOSITORY,
                               apply_overrides, exp_run_command)
@@ -79,7 +79,7 @@ def test_every_official_script_has_a_row_with_its_settings():
             assert load_row(name).teachers[arch].arch == arch
             continue
         student = load_row(name).student
-        objective = student_objective(student)
+        objective = DistillationObjective(student)
         assert objective.needs_teacher
         assert (student.teacher, student.arch) == (teacher, arch), name
         assert student.loss == ("kl" if loss == "kl" else "ikl"), name
@@ -126,8 +126,10 @@ def test_every_params_file_has_every_key_a_stage_lists():
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     listed = {key for stage in stages.values() for key in stage.get("do", stage).get("params", [])}
     assert "student.decode" in listed  # the dump decodes the way its student will
-    files = sorted((root / "pipeline" / "presets").glob("*.yaml")) + [root / "params.yaml"]
-    for path in files:
+    files = sorted((root / "pipeline" / "tools" / "presets").glob("*.yaml"))
+    assert {path.name for path in files} >= {"smoke.yaml", "glyphs_lt.yaml", "imagenet_lt.yaml",
+                                              "image_folder.yaml"}  # a moved folder fails here
+    for path in files + [root / "params.yaml"]:
         params = yaml.safe_load(path.read_text())
         keys = {key.replace("${key}", name) for key in listed for name in params["teachers"]}
         missing = []
@@ -139,3 +141,16 @@ def test_every_params_file_has_every_key_a_stage_lists():
                     break
                 node = node[part]
         assert not missing, f"{path.name} lacks {missing}"
+
+
+def test_every_preset_parses_and_the_image_folder_one_reads_a_folder():
+    """Each preset is a complete params file (applied by copying it over params.yaml)."""
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "pipeline" / "tools" / "presets")
+                     .glob("*.yaml"))
+    parsed = {path.stem: check_consistency(parse(Params, yaml.safe_load(path.read_text()), ""))
+              for path in presets}
+    image_folder = parsed["image_folder"]
+    assert image_folder.data.source == "image_folder" and image_folder.data.root
+    assert image_folder.student.teacher in image_folder.teachers

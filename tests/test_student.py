@@ -16,15 +16,16 @@ import torch
 import pipeline.train.runs
 
 from pipeline.stream.augment import normalize
-from pipeline.train.runs import (CachedTeacher, OnlineTeacher, _run, crop_spec, load_model,
-                              student_objective, train_student, train_teacher)
+from pipeline.train.runs import (CachedTeacher, OnlineTeacher, crop_spec, load_model, run_batches,
+                                train_student, train_teacher)
 from pipeline.store.dump import dump_logits
-from pipeline.train.losses import PreviousEpochPrior
+from pipeline.train.losses import DistillationObjective
+from pipeline.train.priors import PreviousEpochPrior
 from pipeline.params import Params, ParamsError, check_consistency, parse, to_dict
 from pipeline.data.manifest import file_sha256
 from pipeline.store import StoreMismatchError, open_store
 from pipeline.store.tail import TAIL_STEP
-from pipeline.stream.loader import ViewSource, split_shards, train_loader
+from pipeline.stream.loader import CachedViews, StoredViews, split_shards, train_loader
 from pipeline.train.loop import CHECKPOINT, load_checkpoint
 from test_stream import IMAGE_SIZE, SEED, prepare_tiny_shards, write_row_coded_store
 
@@ -62,8 +63,9 @@ def stage_one(tmp_path_factory):
 
 
 def first_batch(shards_dir, manifest, params, store, epoch=0):
-    views = ViewSource(params.seed, epoch, 1, crop_spec(params.augment), store,
-                       cached_views=params.logits.views)
+    views = (StoredViews(store, epoch, params.seed) if store is not None else
+             CachedViews(params.seed, epoch, params.seed, params.logits.views,
+                         crop=crop_spec(params.augment)))
     loader = train_loader(split_shards(shards_dir, manifest, "train"), views, batch_size=32,
                           image_size=IMAGE_SIZE, workers=0)
     return next(iter(loader))
@@ -95,7 +97,7 @@ def test_cached_and_online_teacher_give_the_same_loss(stage_one):
     student_logits = 3 * torch.randn(32, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
     labels = batch["labels"]
     for loss in ("kl", "ikl"):
-        objective = student_objective(tiny_params(loss=loss).student)
+        objective = DistillationObjective(tiny_params(loss=loss).student)
         from_cache = objective(student_logits, labels, cached, None)
         live = objective(student_logits, labels, online, None)
         for term in from_cache:
@@ -141,7 +143,7 @@ def test_cached_quantized_tail_matches_the_online_teacher(stage_one, top2_tail_s
     # The losses and their gradients follow (measured here: 0.7 % off in gradient).
     student_logits = 3 * torch.randn(32, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
     for loss in ("kl", "ikl"):
-        objective = student_objective(tiny_params(loss=loss).student)
+        objective = DistillationObjective(tiny_params(loss=loss).student)
         gradients = []
         for targets in (cached, online):
             logits = student_logits.clone().requires_grad_()
@@ -251,13 +253,14 @@ def test_steps_per_epoch_is_exact_with_any_number_of_workers(stage_one, workers,
                                                              sizes):
     shards_dir, manifest, _, _ = stage_one
     params = tiny_params(loss="ce", workers=workers, drop_last=drop_last)
-    run = _run(params, params.student, manifest, shards_dir, student_objective(params.student),
-               store=None, key="student", description="student")
+    views = lambda epoch: CachedViews(params.seed, epoch, params.seed,  # noqa: E731
+                                      params.logits.views, crop=crop_spec(params.augment))
+    run = run_batches(params, params.student, manifest, shards_dir, "student", views)
     # The LR schedule spans epochs * steps_per_epoch: every epoch must take exactly that many.
     for epoch in range(3):
-        batches = list(run.train_batches(epoch))
+        batches = list(run["train_batches"](epoch))
         # 86 rows: ceil(86 / 32), or floor(86 / 32) dropping the short last batch
-        assert len(batches) == run.steps_per_epoch == len(sizes)
+        assert len(batches) == run["steps_per_epoch"] == len(sizes)
         assert [len(b["labels"]) for b in batches] == sizes
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import fsspec
 
 from pipeline.errors import UserError
+from pipeline.storage import storage_errors
 
 MANIFEST = "manifest.json"
 
@@ -30,7 +31,7 @@ def load_manifest(shards_dir: str | Path) -> dict:
     error when it is missing, is not valid JSON or is not a manifest."""
     url = f"{str(shards_dir).rstrip('/')}/{MANIFEST}"
     try:
-        with fsspec.open(url, "r", encoding="utf-8") as stream:
+        with storage_errors(url), fsspec.open(url, "r", encoding="utf-8") as stream:
             manifest = json.load(stream)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: no manifest; run the prepare stage (dvc repro "

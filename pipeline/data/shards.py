@@ -15,18 +15,21 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator
 
+import fsspec
 import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.locks import exclusive_writer
 from pipeline.params import DataParams
+from pipeline.storage import is_remote, storage_errors
 from pipeline.data.manifest import MANIFEST, file_sha256
 from pipeline.data.sources import Encoded, Item, SourceData, SourceError, encode_item, load_source
 
@@ -34,8 +37,10 @@ FORMAT_VERSION = 1
 
 
 def prepare_shards(params: DataParams, seed: int, out_dir: str | Path) -> dict:
-    """Source -> shards + manifest in `out_dir`; returns the manifest. A second prepare into
-    the same folder is refused while this one runs."""
+    """Source -> shards + manifest in `out_dir` (a folder, or an fsspec URL); returns the
+    manifest. A second prepare into the same folder is refused while this one runs."""
+    if is_remote(out_dir):
+        return _prepare_to_url(params, seed, str(out_dir).rstrip("/"))
     out_dir = Path(out_dir)
     with exclusive_writer(out_dir, "prepare"):
         source = load_source(params, seed)
@@ -52,6 +57,30 @@ def prepare_shards(params: DataParams, seed: int, out_dir: str | Path) -> dict:
                                 "larger disk, then rerun prepare") from None
             raise
         _replace_dir(partial_dir, out_dir)
+    return manifest
+
+
+def _prepare_to_url(params: DataParams, seed: int, url: str) -> dict:
+    """Object storage has no folder rename: the shards are written in a local scratch folder,
+    then uploaded, the old manifest deleted first and the new one put last, so no reader
+    finds a manifest naming shards that are not all there."""
+    with exclusive_writer(url, "prepare"), storage_errors(url), tempfile.TemporaryDirectory(
+            prefix="prepare-") as scratch:
+        local = Path(scratch) / "shards"
+        manifest = prepare_shards(params, seed, local)
+        fs, root = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache(root)
+        if fs.exists(f"{root}/{MANIFEST}"):
+            fs.rm_file(f"{root}/{MANIFEST}")
+        files = sorted(path.name for path in local.iterdir() if path.name != MANIFEST)
+        for name in files:
+            fs.put_file(str(local / name), f"{root}/{name}")
+        fs.invalidate_cache(root)
+        stale = [key for key in fs.find(root) if key.startswith(f"{root}/")
+                 and key.rsplit("/", 1)[-1] not in files and key != f"{root}/{MANIFEST}"]
+        if stale:  # shards of an earlier, larger prepare
+            fs.rm(stale)
+        fs.put_file(str(local / MANIFEST), f"{root}/{MANIFEST}")
     return manifest
 
 

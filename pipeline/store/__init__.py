@@ -1,4 +1,4 @@
-"""Teacher logit store: one sharded Zarr v3 group per teacher (DESIGN.md, "Logit store contract").
+"""Teacher logit store: one sharded Zarr v3 group per teacher (docs/store-format.md).
 
 Layout, with V views, N train rows, top-k, C classes and WebDataset shards of S = shard_rows rows
 (encodings and why: pipeline/store/encoding.py):

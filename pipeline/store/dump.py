@@ -1,12 +1,12 @@
 """Stage one's dump: every train row, V seeded views, the teacher's top-k logits, into the
-teacher's Zarr store (contract: shared/DESIGN.md and pipeline/store/).
+teacher's Zarr store (format: pipeline/store/ and docs/store-format.md).
 
 Per WebDataset shard: decode each image once, draw its V views from (seed, view, row), run the
-teacher (eval mode, no gradients) on each view, keep the top-k raw logits, their classes and
-the log-sum-exp over all classes (and, with `logits.tail: quantized`, every other class's logit,
-quantised), and add the full logits to the exact class priors. A shard is
-written whole, marker last, so a rerun after a crash skips complete shards and rewrites a
-partial one. The store is marked complete only after every shard and the priors are written.
+teacher (eval mode, no gradients) on each view, keep the top-k log-probabilities (logit -
+logsumexp), their classes and the log-sum-exp over all classes (and, with `logits.tail:
+quantized`, every other class's logit, quantised), and add the full logits to the exact class
+priors. A shard is written whole, marker last, so a rerun after a crash skips complete shards
+and rewrites a partial one. The store is marked complete only after every shard and the priors are written.
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from __future__ import annotations
 import errno
 from contextlib import contextmanager, nullcontext
 
-import fsspec
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.stream.augment import CropSpec, draw_views, normalize
+from pipeline.stream.augment import CropSpec, crop_spec, draw_views, normalize
 from pipeline.stream.device_decode import (DEVICE_DECODE, cut_views, decode_on_device, decode_path,
                                     decode_summary, worker_payload)
-from pipeline.train.runs import crop_spec, load_model
+from pipeline.train.checkpoints import load_model
 from pipeline.distributed import distributed
 from pipeline.errors import UserError
 from pipeline.locks import exclusive_writer
-from pipeline.train.losses import ClassPriorAccumulator
+from pipeline.storage import storage_errors
+from pipeline.train.priors import ClassPriorAccumulator
 from pipeline.params import Params
 from pipeline.data.manifest import file_sha256, load_manifest
 from pipeline.store import (TAIL_FIT_ROWS, TailBasis, check_image_sides, completed_shards,
@@ -34,6 +34,7 @@ from pipeline.store import (TAIL_FIT_ROWS, TailBasis, check_image_sides, complet
                             finalize_store, fit_tail_basis, has_tail, identity, open_existing,
                             reduce_prior_partials, store_identity, verify_store,
                             write_prior_partials, write_shard, write_tail_basis)
+from pipeline.store.swap import leftovers, remove_store, swap_in
 from pipeline.store.tail import tail_components
 from pipeline.stream.loader import Shard, SourceImage, read_shard, split_shards
 
@@ -88,7 +89,8 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
                  shard_rows=shards[0].stop - shards[0].start, tail=settings.tail)
     wanted = store_identity(**shape, attributes=attributes)
     # One writer per store: a second dump (rank 0 of another job) is refused at once.
-    with exclusive_writer(store_path, "logit dump") if ranks.is_main else nullcontext():
+    with (exclusive_writer(store_path, "logit dump") if ranks.is_main else nullcontext(),
+          storage_errors(store_path)):
         try:
             _dump(store_path, wanted, shape, attributes, shards, teacher, params, teacher_name,
                   ranks)
@@ -153,12 +155,23 @@ def _target_path(store_path: str, wanted: dict, is_main: bool) -> str | None:
     finishes a swap a crash interrupted and clears a stale replacement."""
     replacement = store_path + REPLACEMENT_SUFFIX
     previous = open_existing(replacement, mode="r")
+    existing = open_existing(store_path, mode="r")
+    if previous is not None and previous.attrs.get("complete") and existing is None:
+        # Finished, then killed before or in the swap (pipeline/store/swap.py: on object
+        # storage the old store is gone before the new one is in). Finished whatever its
+        # params: it is the newest complete store there is.
+        if identity(dict(previous.attrs)) == wanted:
+            if is_main:
+                _swap_in(replacement, store_path)
+            return None
+        if is_main:
+            _swap_in(replacement, store_path)
+        previous, existing = None, open_existing(store_path, mode="r")
     if previous is not None and identity(dict(previous.attrs)) == wanted and (
-            previous.attrs.get("complete")):  # finished, then killed before or in the swap
+            previous.attrs.get("complete")):  # finished, then killed before the swap
         if is_main:
             _swap_in(replacement, store_path)
         return None
-    existing = open_existing(store_path, mode="r")
     if existing is None:
         return store_path
     if identity(dict(existing.attrs)) == wanted:
@@ -168,6 +181,8 @@ def _target_path(store_path: str, wanted: dict, is_main: bool) -> str | None:
         # rebuilt beside it, never trusted (reading it costs far less than dumping it).
         problems = verify_store(store_path)
         if not problems:
+            if is_main and previous is None and leftovers(replacement):
+                remove_store(replacement)  # a swap's last step, interrupted (swap.py, 3.)
             return None
         if is_main:
             print(f"{store_path} matches this dump but is damaged ({problems[0]}); "
@@ -175,29 +190,15 @@ def _target_path(store_path: str, wanted: dict, is_main: bool) -> str | None:
     if is_main:
         if previous is not None and identity(dict(previous.attrs)) != wanted:
             _remove(replacement)  # a stale replacement of some other dump
+        elif previous is None and leftovers(replacement):
+            _remove(replacement)  # what an interrupted swap left of a replacement
         print(f"{store_path}: building its replacement in {replacement}, swapped in when "
               "complete")
     return replacement
 
 
-def _swap_in(replacement: str, store_path: str) -> None:
-    """Move the complete `replacement` to `store_path`, the old store (if any: a swap killed
-    midway has moved it already) out of the way first and deleted last."""
-    fs, path = fsspec.core.url_to_fs(store_path)
-    _, new = fsspec.core.url_to_fs(replacement)
-    old = path + ".old"
-    if fs.exists(path):
-        if fs.exists(old):
-            fs.rm(old, recursive=True)
-        fs.mv(path, old, recursive=True)
-    fs.mv(new, path, recursive=True)
-    if fs.exists(old):
-        fs.rm(old, recursive=True)
-
-
-def _remove(store_path: str) -> None:
-    fs, path = fsspec.core.url_to_fs(store_path)
-    fs.rm(path, recursive=True)
+_swap_in = swap_in  # a module global, so that tests can inject a crash into it
+_remove = remove_store
 
 
 def _fit_tail_basis(shards: list[Shard], teacher, params: Params, spec: CropSpec,

@@ -14,13 +14,14 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.store.encoding import class_id_dtype
+from pipeline.store.tail import TailBasis
 
 MARKERS = "shard_complete"  # (num_shards,) bool, one object per shard, set after its data
 CHECKSUMS = "checksums"  # (num_shards, V, A) uint32: crc32 of each view chunk of each array
 LABEL_CHECKSUMS = "label_checksums"  # (num_shards,) uint32
 PRIOR_GROUP = "class_prior"
 TAIL_BASIS_ARRAYS = ("tail_mean", "tail_basis", "tail_scales")  # per store, quantised tail only
-MAX_VIEWS = 2**20  # views drawn fresh for teachers start above the cached ones (stream.py)
+MAX_VIEWS = 2**20  # views a store may cache; a teacher's fresh views start past them (loader.py)
 # sha256 of every attribute but the write state (box_scale, tail_step, k, C, seed, ...: what
 # the stored integers mean), recorded at creation and checked on every open: an edited
 # zarr.json is refused like a damaged chunk (the chunk checksums cannot see it).
@@ -193,3 +194,50 @@ def validate_attributes(path: str, attrs: dict, group) -> None:
             f"logit store {path}: the attributes' sha256 ({ATTRIBUTES_CHECKSUM}) {change}; "
             "what its stored integers mean (box_scale, tail_step, k, ...) cannot be trusted: "
             "delete the store and rerun dump_logits")
+
+
+def num_shards_for(rows: int, shard_rows: int) -> int:
+    return math.ceil(rows / shard_rows)
+
+
+def shard_bounds(rows: int, shard_rows: int, shard_index: int) -> tuple[int, int]:
+    """Global row range [start, stop) of one WebDataset shard."""
+    if not 0 <= shard_index < num_shards_for(rows, shard_rows):
+        raise IndexError(f"shard {shard_index} out of range: the store has "
+                         f"{num_shards_for(rows, shard_rows)} shards")
+    start = shard_index * shard_rows
+    return start, min(start + shard_rows, rows)
+
+
+def json_normalise(value: Any) -> Any:
+    """What `value` becomes after a JSON round trip (tuples -> lists, numpy scalars -> Python):
+    how attributes compare with what a writer or reader asks for."""
+    def default(obj: Any) -> Any:
+        if isinstance(obj, (np.generic, np.ndarray)):
+            return obj.tolist()
+        raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+    return json.loads(json.dumps(value, default=default))
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """repr(value), cut at `limit` characters: attribute values in one-line errors."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_tail_basis(group, path: str) -> TailBasis:
+    """The tail basis of the store `group` (a zarr.Group) at `path`, checked against its
+    checksums (StoreCorruptError if not)."""
+    recorded = group.attrs.get("tail_basis_checksums") or {}
+    arrays = []
+    for name in TAIL_BASIS_ARRAYS:
+        try:
+            values = group[name][...]
+        except Exception as error:  # noqa: BLE001 (missing, or bytes that do not decode)
+            raise StoreCorruptError(f"logit store {path}: array {name!r} is missing or damaged; "
+                                    "delete the store and rerun dump_logits") from error
+        if chunk_checksum(values) != recorded.get(name):
+            raise StoreCorruptError(f"logit store {path}: array {name!r} is missing or damaged "
+                                    "(checksum mismatch); delete the store and rerun dump_logits")
+        arrays.append(values)
+    return TailBasis.from_arrays(*arrays)

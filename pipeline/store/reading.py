@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import zarr
@@ -18,9 +19,8 @@ from pipeline.store.encoding import FORMAT_VERSION, decode_boxes, decode_fields,
 from pipeline.store.tail import TailBasis
 from pipeline.store.layout import (
     CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, ClassPriorNotFoundError, StoreCorruptError,
-    StoreMismatchError, chunk_checksum, damaged_metadata, has_tail, prior_name,
-    validate_attributes, view_arrays)
-from pipeline.store.writing import _json_normalise, _short, read_tail_basis, shard_bounds
+    StoreMismatchError, chunk_checksum, damaged_metadata, has_tail, json_normalise, prior_name, read_tail_basis,
+    shard_bounds, short_repr, validate_attributes, view_arrays)
 
 # The fields of a view that make its teacher logits (what the student's batches carry).
 LOGIT_FIELDS = ("topk_log_probs", "topk_classes", "logsumexp", "tail_coefficients",
@@ -53,10 +53,10 @@ def _open_store(path: str, *, fingerprint: str | None, seed: int | None,
     expected = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "seed": seed,
                 "teacher_sha256": teacher_sha256}
     for key, value in expected.items():
-        if value is not None and attrs.get(key) != _json_normalise(value):
+        if value is not None and attrs.get(key) != json_normalise(value):
             raise StoreMismatchError(
                 f"logit store {path} does not match: {key} expected {value!r}, found "
-                f"{_short(attrs.get(key))}. The store was dumped for another dataset, seed, "
+                f"{short_repr(attrs.get(key))}. The store was dumped for another dataset, seed, "
                 "teacher or store format; rerun dump_logits (dvc repro) to rebuild it.")
     validate_attributes(path, attrs, group)
     if require_complete and not attrs.get("complete"):
@@ -72,7 +72,7 @@ class LogitStore:
 
     def __init__(self, path: str, group: zarr.Group):
         self.path = path
-        self.group = group
+        self._opened_in, self._group = os.getpid(), group
         self.attributes: dict = dict(group.attrs)
         self.views: int = self.attributes["views"]
         self.rows: int = self.attributes["rows"]
@@ -84,10 +84,27 @@ class LogitStore:
         self.class_names: list[str] = list(self.attributes["class_names"])
         self.complete: bool = bool(self.attributes.get("complete"))
         self.array_names = view_arrays(self.attributes)
-        self._arrays = {name: group[name] for name in self.array_names}
+        self._array_handles = {name: group[name] for name in self.array_names}
         self._checksums: dict[int, np.ndarray] = {}
         self._labels: np.ndarray | None = None
         self._tail_basis: TailBasis | None = None
+
+    @property
+    def group(self) -> zarr.Group:
+        """The store's zarr group, opened again in a process forked after it was opened (a
+        DataLoader worker): on object storage the group's client (s3fs's aiohttp session)
+        belongs to the event loop of the process that opened it, and a forked worker reading
+        through it failed with "attached to a different loop" (tests/test_s3.py)."""
+        if self._opened_in != os.getpid():
+            self._group = zarr.open_group(self.path, mode="r")
+            self._array_handles = {name: self._group[name] for name in self.array_names}
+            self._opened_in = os.getpid()
+        return self._group
+
+    @property
+    def _arrays(self) -> dict:
+        self.group  # noqa: B018 (opens it again in a forked process)
+        return self._array_handles
 
     @property
     def tail_basis(self) -> TailBasis | None:

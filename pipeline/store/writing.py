@@ -11,8 +11,6 @@ its completion marker, so a crash mid-write leaves it marked incomplete.
 from __future__ import annotations
 
 import json
-import math
-from typing import Any
 
 import numpy as np
 import zarr
@@ -25,8 +23,9 @@ from pipeline.store.encoding import (
 from pipeline.store.tail import TAIL_STEP, TailBasis, tail_components
 from pipeline.store.layout import (
     ATTRIBUTES_CHECKSUM, CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, STATE_ATTRIBUTES,
-    TAIL_BASIS_ARRAYS, StoreCorruptError, StoreMismatchError, attributes_checksum, chunk_checksum,
-    damaged_metadata, has_tail, prior_name, row_array_specs, view_arrays)
+    StoreMismatchError, attributes_checksum, chunk_checksum, damaged_metadata, has_tail,
+    json_normalise, num_shards_for, prior_name, read_tail_basis, row_array_specs,
+    shard_bounds, short_repr, view_arrays)
 
 # Attributes the caller of `create_store` must supply (the store adds the shape attributes).
 REQUIRED_ATTRIBUTES = (
@@ -36,19 +35,6 @@ REQUIRED_ATTRIBUTES = (
 # Attributes the store itself owns.
 SHAPE_ATTRIBUTES = ("format_version", "rows", "views", "topk", "num_classes", "shard_rows",
                     "num_shards", "tail", "tail_components", "encoding")
-
-
-def num_shards_for(rows: int, shard_rows: int) -> int:
-    return math.ceil(rows / shard_rows)
-
-
-def shard_bounds(rows: int, shard_rows: int, shard_index: int) -> tuple[int, int]:
-    """Global row range [start, stop) of one WebDataset shard."""
-    if not 0 <= shard_index < num_shards_for(rows, shard_rows):
-        raise IndexError(f"shard {shard_index} out of range: the store has "
-                         f"{num_shards_for(rows, shard_rows)} shards")
-    start = shard_index * shard_rows
-    return start, min(start + shard_rows, rows)
 
 
 def encoding_attributes(max_image_side: int) -> dict:
@@ -71,15 +57,6 @@ def encoding_attributes(max_image_side: int) -> dict:
                  "(z >> 1) ^ -(z & 1); the top-k classes replaced by their exact values"),
         "checksums": "crc32 (zlib) of each (shard, view, array) chunk's decoded C-order bytes",
     }
-
-
-def _json_normalise(value: Any) -> Any:
-    """What `value` becomes after a JSON round trip (tuples -> lists, numpy scalars -> Python)."""
-    def default(obj: Any) -> Any:
-        if isinstance(obj, (np.generic, np.ndarray)):
-            return obj.tolist()
-        raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
-    return json.loads(json.dumps(value, default=default))
 
 
 _DIMENSIONS = {"topk_codes": "topk", "topk_classes": "topk", "tail_coefficients": "component",
@@ -113,11 +90,6 @@ def _create_arrays(group: zarr.Group, attrs: dict) -> None:
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, filters=None,
                                **array_codecs(name, dtype), fill_value=0,
                                dimension_names=dimensions)
-
-
-def _short(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def identity(attrs: dict) -> dict:
@@ -155,7 +127,7 @@ def store_identity(*, rows: int, views: int, topk: int, num_classes: int, shard_
         box_scale(max_image_side)
     except ValueError as error:
         raise ValueError(f"attribute 'max_image_side': {error}") from None
-    wanted = _json_normalise({
+    wanted = json_normalise({
         **attributes, "max_image_side": max_image_side, "format_version": FORMAT_VERSION,
         "rows": int(rows), "views": int(views), "topk": int(topk),
         "num_classes": int(num_classes), "shard_rows": int(shard_rows),
@@ -210,7 +182,7 @@ def _create_or_reopen(path: str, wanted: dict, overwrite: bool) -> zarr.Group:
             if found.get(key) != wanted.get(key):
                 raise StoreMismatchError(
                     f"logit store {path} exists with a different {key!r}: it has "
-                    f"{_short(found.get(key))}, this dump asks for {_short(wanted.get(key))}. "
+                    f"{short_repr(found.get(key))}, this dump asks for {short_repr(wanted.get(key))}. "
                     f"Delete {path} (or pass overwrite=True) to dump again from scratch.")
         if group.attrs.get("complete"):
             raise StoreMismatchError(
@@ -253,23 +225,6 @@ def write_tail_basis(group: zarr.Group, basis: TailBasis) -> None:
                            **array_codecs(name, values.dtype))
         checksums[name] = chunk_checksum(values)
     group.update_attributes({"tail_basis_checksums": checksums})
-
-
-def read_tail_basis(group: zarr.Group, path: str) -> TailBasis:
-    """The store's tail basis, checked against its checksums (StoreCorruptError if not)."""
-    recorded = group.attrs.get("tail_basis_checksums") or {}
-    arrays = []
-    for name in TAIL_BASIS_ARRAYS:
-        try:
-            values = group[name][...]
-        except Exception as error:  # noqa: BLE001 (missing, or bytes that do not decode)
-            raise StoreCorruptError(f"logit store {path}: array {name!r} is missing or damaged; "
-                                    "delete the store and rerun dump_logits") from error
-        if chunk_checksum(values) != recorded.get(name):
-            raise StoreCorruptError(f"logit store {path}: array {name!r} is missing or damaged "
-                                    "(checksum mismatch); delete the store and rerun dump_logits")
-        arrays.append(values)
-    return TailBasis.from_arrays(*arrays)
 
 
 def _first_bad(mask: np.ndarray) -> tuple[int, ...]:

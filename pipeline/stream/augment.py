@@ -1,6 +1,6 @@
 """Seeded augmentation: views drawn as a pure function of (seed, view, row), replayed anywhere.
 
-Contract (DESIGN.md, "Augmentation seeding contract"): a view's crop box and flip depend only on
+Contract (docs/views-and-seeding.md): a view's crop box and flip depend only on
 (seed, view, row) and the source image size. Each (seed, view, row) owns one fixed block of
 `WORDS_PER_VIEW` 64-bit words of a Philox4x64 counter-based generator keyed on (seed, view),
 with the row selecting the counter range. No RNG state is carried between draws or touched
@@ -79,6 +79,12 @@ class CropSpec:
                              f"draws {GENERATOR!r}: re-dump the logits with this version")
         return cls(scale=spec["scale"], ratio=spec["ratio"],
                    flip_probability=spec["flip_probability"])
+
+
+def crop_spec(augment) -> CropSpec:
+    """The crops params' `augment` section (pipeline.params.AugmentParams) asks for."""
+    return CropSpec(scale=augment.crop_scale, ratio=augment.crop_ratio,
+                    flip_probability=augment.flip_probability)
 
 
 class View(NamedTuple):

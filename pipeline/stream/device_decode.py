@@ -44,7 +44,11 @@ Payload = bytes | torch.Tensor
 def decode_path(setting: str, device: torch.device, recorded: str | None = None) -> str:
     """The decode path for `student.decode` = `setting` on `device`: "cpu" -> DECODE, "gpu" ->
     DEVICE_DECODE, "auto" -> `recorded` (the path of the store being replayed) when given, else
-    DEVICE_DECODE on CUDA and DECODE elsewhere. ValueError for another setting."""
+    DECODE on every device. ValueError for another setting.
+
+    `auto` takes only a measured path (DESIGN.md, "Scale"): the device path has never run on a
+    GPU (benchmarks/gpu_check.py has not), so CUDA machines get the CPU path too until it has
+    and its goals are met (BENCHMARKS.md section 7); `gpu` picks the device path by hand."""
     if setting == "cpu":
         return DECODE
     if setting == "gpu":
@@ -53,7 +57,7 @@ def decode_path(setting: str, device: torch.device, recorded: str | None = None)
         raise ValueError(f"decode setting must be one of {DECODE_SETTINGS}, got {setting!r}")
     if recorded is not None:
         return recorded
-    return DEVICE_DECODE if device.type == "cuda" else DECODE
+    return DECODE
 
 
 SETTING_OF_PATH = {DECODE: "cpu", DEVICE_DECODE: "gpu"}
@@ -70,11 +74,12 @@ def describe_decode(path: str | None) -> str:
 def decode_summary(path: str, setting: str, device: torch.device, *,
                    follows_store: bool = False) -> str:
     """The decode path in use, where it runs and why, for the dump's and the student's first
-    lines, e.g. "decode gpu (torchvision-full-v1) on cuda (student.decode: auto, CUDA here)"."""
+    lines, e.g. "decode cpu (pil-draft-v1) on cpu (student.decode: auto, no CUDA here)"."""
     why = f"student.decode: {setting}"
     if setting == "auto":
         why += (", following the store" if follows_store
-                else ", CUDA here" if device.type == "cuda" else ", no CUDA here")
+                else ", the measured path; gpu (nvJPEG) is not measured on a GPU yet: "
+                "BENCHMARKS.md section 7" if device.type == "cuda" else ", no CUDA here")
     where = device.type
     if path == DEVICE_DECODE and device.type != "cuda":
         where = "the CPU, in the training process (no CUDA: slower than the cpu path's workers)"

@@ -21,8 +21,8 @@ A batch is a dict of tensors: `images` (B, 3, S, S) uint8 (on the device decode 
 pipeline.stream.device_decode.batch_pixels), `labels` (B,) int64, `rows` (B,) int64, and for a
 student the store's fields of its teacher logits (pipeline.store.LOGIT_FIELDS):
 `topk_log_probs` (B, k) float16, `topk_classes` (B, k) int64, `logsumexp` (B,) float32 and, with
-a quantised tail, `tail_codes` (B, C) uint8 and `tail_floor` (B,) float16; the trainer decodes
-them into (B, C) logits on its device (pipeline.train.runs.CachedTeacher).
+a quantised tail, `tail_coefficients` (B, r) int8 and `tail_residuals` (B, C) int16; the trainer
+decodes them into (B, C) logits on its device (pipeline.train.runs.CachedTeacher).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import json
 import tarfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import fsspec
 import numpy as np
@@ -47,6 +48,7 @@ from pipeline.stream.device_decode import DEVICE_DECODE, worker_payload
 from pipeline.errors import UserError
 from pipeline.data.manifest import shard_url
 from pipeline.store import LOGIT_FIELDS
+from pipeline.store.layout import MAX_VIEWS
 from pipeline.stream.tars import tar_members
 
 SHUFFLE_BUFFER = 2000  # samples (still encoded): a few shards' worth mixes classes well
@@ -81,46 +83,81 @@ def split_shards(shards_dir: str, manifest: dict, split: str) -> list[Shard]:
             for s in manifest["splits"][split]["shards"]]
 
 
-# Views drawn fresh (no store: teachers, CE students) start here, disjoint from the V views a
-# dump caches (V < 2**20), so a teacher never trains on the very crops it later labels.
-FRESH_VIEW_OFFSET = 2**20
+# A teacher's crops (FreshViews) start here, past the at most MAX_VIEWS views a store caches,
+# so that a teacher never trains on the very crops it later labels.
+FRESH_VIEW_OFFSET = MAX_VIEWS
 
 
 @dataclass(frozen=True)
-class ViewSource:
-    """Where a training sample's crop comes from in epoch `epoch`.
+class StoredViews:
+    """A student's crops replayed from its teacher's logit store, with their boxes, flips and
+    teacher logits: epoch e takes views e*m .. e*m+m-1 (m = views_per_decode crops per decoded
+    image) modulo the store's V. The views' seed is the store's; `order_seed` orders the rows."""
 
-    Epoch e takes views e*m .. e*m+m-1, m = views_per_decode crops per decoded image:
-    - with a store (students), modulo its V, replaying the stored boxes, flips and logits;
-    - with `cached_views` = V and no store (students with an online teacher or plain CE),
-      the same views drawn from (seed, view, row): the crops a store would hold;
-    - with neither (teachers), fresh views past FRESH_VIEW_OFFSET.
-    """
+    store: object  # a pipeline.store.LogitStore
+    epoch: int
+    order_seed: int
+    views_per_decode: int = 1
+
+    def view_ids(self) -> list[int]:
+        return [v % self.store.views for v in _epoch_views(self.epoch, self.views_per_decode)]
+
+
+@dataclass(frozen=True)
+class CachedViews:
+    """The crops a store of V = `views` would hold, drawn from (seed, view, row) as the dump
+    draws them: a student with a live teacher, or on plain CE, sees what a cached one would.
+    Epoch e takes views e*m .. e*m+m-1 modulo V; `order_seed` orders the rows."""
 
     seed: int
     epoch: int
+    order_seed: int
+    views: int
     views_per_decode: int = 1
     crop: CropSpec = CropSpec()
-    store: object | None = None  # a pipeline.store.LogitStore
-    cached_views: int = 0
-    shuffle_seed: int | None = None  # shard order and shuffle buffer; None: `seed`
-
-    @property
-    def order_seed(self) -> int:
-        """The seed of the epoch's row order (the views always come from `seed`)."""
-        return self.seed if self.shuffle_seed is None else self.shuffle_seed
+    store: ClassVar[None] = None  # drawn, not read (the loader tells the sources apart by it)
 
     def view_ids(self) -> list[int]:
-        first = self.epoch * self.views_per_decode
-        ids = range(first, first + self.views_per_decode)
-        if self.store is not None:
-            return [v % self.store.views for v in ids]
-        if self.cached_views:
-            return [v % self.cached_views for v in ids]
-        return [FRESH_VIEW_OFFSET + v for v in ids]
+        return [v % self.views for v in _epoch_views(self.epoch, self.views_per_decode)]
 
 
-def train_loader(shards: list[Shard], views: ViewSource, *, batch_size: int,
+@dataclass(frozen=True)
+class FreshViews:
+    """A teacher's crops: views drawn from (seed, view, row) from FRESH_VIEW_OFFSET on, one new
+    view per epoch, none of them in any store; `order_seed` orders the rows."""
+
+    seed: int
+    epoch: int
+    order_seed: int
+    views_per_decode: int = 1
+    crop: CropSpec = CropSpec()
+    store: ClassVar[None] = None
+
+    def view_ids(self) -> list[int]:
+        return [FRESH_VIEW_OFFSET + v for v in _epoch_views(self.epoch, self.views_per_decode)]
+
+
+Views = StoredViews | CachedViews | FreshViews
+
+
+def _epoch_views(epoch: int, views_per_decode: int) -> range:
+    return range(epoch * views_per_decode, (epoch + 1) * views_per_decode)
+
+
+def ViewSource(seed: int, epoch: int, views_per_decode: int = 1, crop: CropSpec = CropSpec(),
+               store=None, cached_views: int = 0, shuffle_seed: int | None = None) -> Views:
+    """The named source these arguments (the former single class's) describe: StoredViews with
+    a store, CachedViews with `cached_views` = V, else FreshViews; `shuffle_seed` orders the
+    rows (None: `seed`)."""
+    order_seed = seed if shuffle_seed is None else shuffle_seed
+    if store is not None:
+        return StoredViews(store, epoch, order_seed, views_per_decode)
+    if cached_views:
+        return CachedViews(seed, epoch, order_seed, cached_views, views_per_decode, crop)
+    return FreshViews(seed, epoch, order_seed, views_per_decode, crop)
+
+
+def train_loader(shards: list[Shard], views: Views, *, batch_size: int,
                  image_size: int, workers: int, rank: int = 0, world_size: int = 1,
                  pin_memory: bool = False, drop_last: bool = False,
                  decode: str = DECODE) -> EpochBatches:
@@ -386,7 +423,7 @@ def _eval_sample(sample: dict, image_size: int) -> dict:
             "rows": meta["row"]}
 
 
-def _attach_cached_views(views: ViewSource):
+def _attach_cached_views(views: StoredViews):
     """Stage: each (still encoded) sample's m cached views, crop and logits, from the store,
     read once per shard and view."""
     view_ids = views.view_ids()
@@ -405,7 +442,7 @@ def _attach_cached_views(views: ViewSource):
     return stage
 
 
-def _attach_drawn_views(views: ViewSource):
+def _attach_drawn_views(views: CachedViews | FreshViews):
     """Stage: each (still encoded) sample's m views drawn from (seed, view, row), one
     draw_views call per segment (per sample it costs ~160 us of numpy overhead, per segment
     ~1 us a row), on the image sizes read from the encoded headers."""

@@ -169,10 +169,8 @@ def _echo_summary(summary: dict, stats: dict) -> None:
     click.echo(f"  complete     {s['complete']}   "
                f"shards complete {s['shards_complete']}/{s['num_shards']}   "
                f"class prior temperatures {s['temperatures']}")
-    for name, array in s["arrays"].items():
-        click.echo(f"  {name:15s} {str(array['shape']):18s} {array['dtype']:8s} "
-                   f"shards {array['shards']} chunks {array['chunks']}  "
-                   f"{_format_bytes(array['stored_bytes'])}")
+    for line in _array_table(s["arrays"]):
+        click.echo("  " + line)
     click.echo(f"  bytes on disk {s['bytes_on_disk']} ({_format_bytes(s['bytes_on_disk'])})")
     click.echo(f"  bytes per view {s['bytes_per_view']:.2f} (raw {s['raw_bytes_per_view']}), "
                f"compression ratio {s['compression_ratio']:.2f}x")
@@ -182,6 +180,19 @@ def _echo_summary(summary: dict, stats: dict) -> None:
                                      ("min", *(f"p{q}" for q in PERCENTILES), "mean")))
     else:
         click.echo("coverage: no shard written yet")
+
+
+def _array_table(arrays: dict) -> list[str]:
+    """One line per array, every column as wide as its widest cell (array names run from
+    `flips` to `tail_coefficients`, shapes grow with N), under a header line."""
+    header = ("array", "shape", "dtype", "shards", "chunks", "stored")
+    cells = [header] + [(name, str(a["shape"]), a["dtype"], str(a["shards"] or "-"),
+                         str(a["chunks"]), _format_bytes(a["stored_bytes"]))
+                        for name, a in arrays.items()]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
+    return ["  ".join(cell.rjust(width) if column == len(header) - 1 else cell.ljust(width)
+                      for column, (cell, width) in enumerate(zip(row, widths))).rstrip()
+            for row in cells]
 
 
 def _echo_view(details: dict) -> None:
@@ -201,7 +212,7 @@ def _echo_view(details: dict) -> None:
                f"flip {d['flip']}")
 
 
-@click.command(name="inspect")
+@click.command(name="inspect", short_help="Summarise, verify or plot a teacher logit store.")
 @click.argument("store_path", metavar="STORE")
 @click.option("--row", type=int, default=None,
               help="Show one row's top-k classes, probabilities, residual mass, box and flip.")

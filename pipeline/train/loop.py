@@ -11,6 +11,7 @@ progress bar, and per-epoch metrics and plots through dvclive. On CUDA: bf16 aut
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from pipeline.stream.device_decode import batch_pixels
 from pipeline.train.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipeline.distributed import Distributed, distributed
 from pipeline.train.evaluate import predict, top_k_accuracy
-from pipeline.train.losses import DistillationObjective, PreviousEpochPrior
+from pipeline.train.losses import DistillationObjective
+from pipeline.train.priors import PreviousEpochPrior
 from pipeline.locks import exclusive_writer
 from pipeline.params import TrainParams
 
@@ -57,18 +59,19 @@ class TrainRun:
 
 
 def fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Path) -> dict:
-    """`_fit` holding out_dir's lock (on rank 0, the only writer): a second training run into
-    the same folder is refused at once instead of interleaving checkpoints."""
+    """Train `model` per `run` (`_fit`), or with `epochs: 0` take its weights as they are
+    (`_keep_weights`), holding out_dir's lock (on rank 0, the only writer): a second training
+    run into the same folder is refused at once instead of interleaving checkpoints."""
     is_main = distributed().is_main
     with exclusive_writer(out_dir, "training run") if is_main else nullcontext():
+        if run.settings.epochs == 0:
+            return _keep_weights(model, run, out_dir, live_dir)
         return _fit(model, run, out_dir, live_dir)
 
 
-def _fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Path) -> dict:
-    """Train `model` per `run`, checkpointing to out_dir/checkpoint.pt; returns the last
-    epoch's metrics. Rerun after a crash, it resumes from the checkpoint when the checkpoint's
-    identity (params, fingerprint) equals `run.identity`. Under torchrun it trains with DDP:
-    metrics are reduced over ranks, rank 0 writes the checkpoint and the dvclive output."""
+def _setup(model: nn.Module, run: TrainRun, out_dir: str | Path):
+    """The model on this rank's device, its optimizer and schedule, and the epoch to start
+    from with the last metrics (after a matching checkpoint's epoch, else 0 and none)."""
     ranks = distributed()
     cuda = ranks.device.type == "cuda"
     model = model.to(ranks.device,
@@ -80,10 +83,51 @@ def _fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | P
         optimizer, lambda step: lr_factor(settings, step, run.steps_per_epoch))
     checkpoint_path = Path(out_dir) / CHECKPOINT
     start_epoch, metrics = _resume(checkpoint_path, run, model, optimizer, scheduler)
+    return model, optimizer, scheduler, checkpoint_path, start_epoch, metrics
+
+
+def _live(live_dir: str | Path, resume: bool):
+    """dvclive's logger on rank 0, nothing elsewhere."""
+    if not distributed().is_main:
+        return nullcontext()
+    return Live(str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
+
+
+def _keep_weights(model: nn.Module, run: TrainRun, out_dir: str | Path,
+                  live_dir: str | Path) -> dict:
+    """`epochs: 0`: the weights used as they are, validated, then checkpointed with epoch -1
+    (none trained) so that dump and evaluate read them like a trained model's. A matching
+    checkpoint is kept as it is: the later stages need not rerun."""
+    ranks = distributed()
+    model, optimizer, scheduler, checkpoint_path, _, metrics = _setup(model, run, out_dir)
+    with _live(live_dir, resume=False) as live:
+        if not metrics:
+            metrics = validate(model, run.val_batches(), ranks)
+            if live:
+                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, -1, metrics,
+                                 run.identity)
+        if ranks.is_main:
+            print(f"{run.description}: weights used as they are (epochs 0): val top-1 "
+                  f"{metrics['val/top1']:.2f}%", flush=True)
+        if live:
+            for name, value in metrics.items():
+                live.log_metric(name, value)
+            live.next_step()
+        ranks.barrier()
+    return metrics
+
+
+def _fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | Path) -> dict:
+    """Train `model` per `run`, checkpointing to out_dir/checkpoint.pt; returns the last
+    epoch's metrics. Rerun after a crash, it resumes from the checkpoint when the checkpoint's
+    identity (params, fingerprint) equals `run.identity`. Under torchrun it trains with DDP:
+    metrics are reduced over ranks, rank 0 writes the checkpoint and the dvclive output."""
+    ranks = distributed()
+    settings = run.settings
+    model, optimizer, scheduler, checkpoint_path, start_epoch, metrics = _setup(
+        model, run, out_dir)
     trained = model if ranks.world_size == 1 else DistributedDataParallel(model)
-    logger = (Live(str(live_dir), resume=start_epoch > 0, save_dvc_exp=False, dvcyaml=None)
-              if ranks.is_main else nullcontext())
-    with logger as live:
+    with _live(live_dir, resume=start_epoch > 0) as live:
         if live:
             # The dvclive step is the epoch. Its own resume reads the last logged step and
             # adds 1, except after step 0, which it cannot tell from an empty log: a resume
@@ -92,8 +136,10 @@ def _fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | P
         for epoch in range(start_epoch, settings.epochs):
             progress = tqdm(total=run.steps_per_epoch, disable=not ranks.is_main,
                             desc=f"{run.description}: epoch {epoch + 1}/{settings.epochs}")
+            wall, cpu = time.perf_counter(), time.process_time()  # this process, all threads
             sums, last_lr = _train_epoch(trained, run, epoch, optimizer, scheduler, ranks,
                                          progress)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             if run.class_prior is not None:  # all ranks' crops of this epoch -> the next prior
                 run.class_prior.end_epoch(ranks.all_reduce_)
             totals = dict(zip(sums, ranks.sum(list(sums.values()))))
@@ -108,26 +154,15 @@ def _fit(model: nn.Module, run: TrainRun, out_dir: str | Path, live_dir: str | P
             if live:
                 for name, value in metrics.items():
                     live.log_metric(name, value)
+                # The epoch's training time on this rank (validation excluded), for the
+                # results table's cost column; logged only, so the returned metrics and the
+                # checkpoint stay the same bits run after run.
+                live.log_metric("time/epoch_wall_s", wall)
+                live.log_metric("time/epoch_cpu_s", cpu)
                 live.next_step()
                 _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, metrics,
                                  {**run.identity, **_prior_state(run)})
             ranks.barrier()  # no rank starts the next epoch before the checkpoint exists
-        if settings.epochs == 0:  # weights used as they are: validated, then checkpointed with
-            # epoch -1 (none trained) so that dump and evaluate read them like a trained model.
-            # A matching checkpoint is kept as it is: the later stages need not rerun.
-            if not metrics:
-                metrics = validate(model, run.val_batches(), ranks)
-                if live:
-                    _save_checkpoint(checkpoint_path, model, optimizer, scheduler, -1, metrics,
-                                     run.identity)
-            if ranks.is_main:
-                print(f"{run.description}: weights used as they are (epochs 0): val top-1 "
-                      f"{metrics['val/top1']:.2f}%", flush=True)
-            if live:
-                for name, value in metrics.items():
-                    live.log_metric(name, value)
-                live.next_step()
-            ranks.barrier()
     return metrics
 
 

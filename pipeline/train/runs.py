@@ -1,5 +1,6 @@
-"""Wiring of the shared training loop for teachers (CE) and students (CE / KL-KD / IKL-KD
-against cached or online teacher logits)."""
+"""The two training runs, each set up top to bottom: a teacher (CE on fresh crops) and a
+student (CE / KL-KD / IKL-KD against its teacher's logit store, or the live teacher). Both hand
+the one loop (pipeline.train.loop.fit) a model and a TrainRun."""
 
 from __future__ import annotations
 
@@ -8,31 +9,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.stream.augment import DECODE, CropSpec
+from pipeline.stream.augment import DECODE, crop_spec
 from pipeline.train.checkpoints import load_model
 from pipeline.stream.device_decode import (check_replay_decode, decode_path, decode_summary,
                                     warn_if_decoded_elsewhere)
 from pipeline.errors import UserError
-from pipeline.train.losses import DistillationObjective, PreviousEpochPrior, distillation_objective
+from pipeline.train.losses import DistillationObjective
+from pipeline.train.priors import PreviousEpochPrior
 from pipeline.train.models import build_model, load_weights
-from pipeline.params import (AugmentParams, Params, StudentParams, TrainParams, check_against_data,
-                             to_dict)
+from pipeline.params import Params, StudentParams, TrainParams, check_against_data, to_dict
 from pipeline.data.manifest import file_sha256, load_manifest
 from pipeline.store import (LOGIT_FIELDS, LogitStore, TailBasis, open_store,
                             teacher_logits_from_fields)
 from pipeline.distributed import distributed
-from pipeline.stream.loader import ViewSource, epoch_steps, eval_loader, split_shards, train_loader
+from pipeline.stream.loader import (CachedViews, FreshViews, StoredViews, Views, epoch_steps,
+                                   eval_loader, split_shards, train_loader)
 from pipeline.train.loop import TrainRun, fit
 
+__all__ = ["train_teacher", "train_student", "crop_spec", "load_model", "model_identity",
+           "CachedTeacher", "OnlineTeacher", "run_batches"]
 
 # Store attributes that change what a student learns (its resume identity includes them).
 STORE_IDENTITY = ("teacher_sha256", "fingerprint", "seed", "augmentation", "views", "topk",
                   "tail", "teacher_image_size", "decode")
-
-
-def crop_spec(augment: AugmentParams) -> CropSpec:
-    return CropSpec(scale=augment.crop_scale, ratio=augment.crop_ratio,
-                    flip_probability=augment.flip_probability)
 
 
 def model_identity(settings: TrainParams, params: Params, manifest: dict) -> dict:
@@ -57,9 +56,18 @@ def train_teacher(params: Params, name: str, shards_dir: str, out_dir: str,
     # Every limit the data set puts on any key, at once, before training (else the dump or the
     # student fails after it, one key per run).
     check_against_data(params, manifest, shards_dir)
-    run = _run(params, settings, manifest, shards_dir, distillation_objective("ce"),
-               store=None, key=f"teachers.{name}", description=name)
-    return fit(_new_model(settings, manifest, params.seed), run, out_dir, live_dir)
+    # Its own seed: initial weights and row order. Its crops are fresh views of the global
+    # seed, past the ones a store caches: it never trains on the crops it later labels.
+    seed = params.seed if settings.seed is None else settings.seed
+
+    def views(epoch: int) -> Views:
+        return FreshViews(params.seed, epoch, order_seed=seed, crop=crop_spec(params.augment))
+
+    run = TrainRun(settings, DistillationObjective(),
+                   identity=model_identity(settings, params, manifest), description=name,
+                   **run_batches(params, settings, manifest, shards_dir, f"teachers.{name}",
+                                 views))
+    return fit(_new_model(settings, manifest, seed), run, out_dir, live_dir)
 
 
 def train_student(params: Params, shards_dir: str, store_path: str, teacher_checkpoint: str,
@@ -68,36 +76,48 @@ def train_student(params: Params, shards_dir: str, store_path: str, teacher_chec
     `student.online_teacher`)."""
     settings = params.student
     manifest = load_manifest(shards_dir)
-    objective = student_objective(settings)
+    objective = DistillationObjective(settings)
     device = distributed().device
-    store, targets = None, None
-    # GI prior: the store's (exact, from the first step) or the previous epoch's (official).
-    previous_epoch = objective.needs_class_prior and settings.ikl.prior == "previous_epoch"
-    store_prior = objective.needs_class_prior and not previous_epoch
-    # The cached views; a store's own attributes replace these when the student reads one.
-    teacher_identity = {"views": params.logits.views}
+    # Its teacher: the store (or the live model) and what the checkpoint's identity records
+    # of it; none for plain CE, which still draws the V views a store would hold.
+    store, targets, teacher_identity = None, None, {"views": params.logits.views}
     if objective.needs_teacher and settings.online_teacher:
         teacher, _ = load_model(teacher_checkpoint)
         targets = OnlineTeacher(teacher.to(device), params.teachers[settings.teacher].precision)
-        teacher_identity.update(online_teacher_sha256=file_sha256(teacher_checkpoint))
+        teacher_identity["online_teacher_sha256"] = file_sha256(teacher_checkpoint)
     elif objective.needs_teacher:
         store = open_store(store_path, fingerprint=manifest["fingerprint"], seed=params.seed,
                            teacher_sha256=file_sha256(teacher_checkpoint))
         check_store_serves(store, settings)
-        prior = store.class_prior(settings.ikl.weight_temperature) if store_prior else None
+        # GI prior: the store's (exact, from the first step) unless the previous epoch's.
+        prior = (store.class_prior(settings.ikl.weight_temperature)
+                 if objective.needs_class_prior and settings.ikl.prior == "store" else None)
         targets = CachedTeacher(manifest["num_classes"], prior, device, store.tail_basis)
         teacher_identity = {key: store.attributes.get(key) for key in STORE_IDENTITY}
+    class_prior = (PreviousEpochPrior(manifest["num_classes"], device=device,
+                                      weight_temperature=settings.ikl.weight_temperature)
+                   if objective.needs_class_prior and settings.ikl.prior == "previous_epoch"
+                   else None)
     decode = student_decode_path(settings, device, store)
     if distributed().is_main:
         print("student: " + decode_summary(decode, settings.decode, device,
                                            follows_store=store is not None), flush=True)
-    class_prior = (PreviousEpochPrior(manifest["num_classes"], device=device,
-                                      weight_temperature=settings.ikl.weight_temperature)
-                   if previous_epoch else None)
-    run = _run(params, settings, manifest, shards_dir, objective, store=store,
-               teacher_targets=targets, teacher_identity=teacher_identity,
-               class_prior=class_prior, key="student", description="student", decode=decode)
+    # Its own seed: initial weights and row order; its views stay the store's (global seed).
     seed = params.seed if settings.seed is None else settings.seed
+    m = settings.views_per_decode  # crops of each decoded image per step
+
+    def views(epoch: int) -> Views:
+        if store is not None:
+            return StoredViews(store, epoch, order_seed=seed, views_per_decode=m)
+        return CachedViews(params.seed, epoch, order_seed=seed, views=params.logits.views,
+                           views_per_decode=m, crop=crop_spec(params.augment))
+
+    # A checkpoint resumes only if what the student learns from is unchanged.
+    identity = {**model_identity(settings, params, manifest), "targets": teacher_identity}
+    run = TrainRun(settings, objective, identity=identity, teacher_targets=targets,
+                   class_prior=class_prior, description="student",
+                   **run_batches(params, settings, manifest, shards_dir, "student", views,
+                                 settings.views_per_decode, decode))
     return fit(_new_model(settings, manifest, seed), run, out_dir, live_dir)
 
 
@@ -128,22 +148,6 @@ def student_decode_path(settings: StudentParams, device: torch.device,
     check_replay_decode(store.path, recorded, path)
     warn_if_decoded_elsewhere(store.path, store.attributes.get("decode_device"), path, device)
     return path
-
-
-def student_objective(settings: StudentParams) -> DistillationObjective:
-    """The objective named by `student.loss`, with that loss's options."""
-    if settings.loss == "kl":
-        return distillation_objective("kl", ce_weight=settings.ce_weight,
-                                      weight=settings.kl.weight,
-                                      temperature=settings.kl.temperature)
-    if settings.loss == "ikl":
-        ikl = settings.ikl
-        return distillation_objective(
-            "ikl", ce_weight=settings.ce_weight, alpha=ikl.alpha, beta=ikl.beta,
-            temperature=ikl.temperature, weight_temperature=ikl.weight_temperature,
-            gamma=ikl.gamma, normalize=ikl.normalize,
-            use_class_prior=ikl.weights == "class_prior")
-    return distillation_objective("ce", ce_weight=settings.ce_weight)
 
 
 class CachedTeacher:
@@ -201,26 +205,18 @@ def rank_batch_size(batch_size: int, world_size: int, key: str) -> int:
     return batch_size // world_size
 
 
-def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
-         objective: DistillationObjective, *, store: LogitStore | None, key: str,
-         teacher_targets=None, teacher_identity: dict | None = None,
-         class_prior: PreviousEpochPrior | None = None, description: str,
-         decode: str = DECODE) -> TrainRun:
-    train_shards = split_shards(shards_dir, manifest, "train")
-    val_split = "val" if "val" in manifest["splits"] else "test"
-    is_student = isinstance(settings, StudentParams)
-    views_per_decode = settings.views_per_decode if is_student else 1
-    # The student's own seed orders its rows; its views stay the store's (the global seed).
-    shuffle_seed = settings.seed if is_student else None
+def run_batches(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
+                key: str, views, views_per_decode: int = 1, decode: str = DECODE) -> dict:
+    """TrainRun's data: `train_batches` (epoch -> this rank's batches of the crops
+    `views(epoch)` names), `val_batches`, `test_batches` (with evaluate.every_epoch_on_test)
+    and `steps_per_epoch`; refuses a batch that leaves an epoch without a step."""
     ranks = distributed()
     pin = ranks.device.type == "cuda"
     batch_size = rank_batch_size(settings.batch_size, ranks.world_size, key)
+    train_shards = split_shards(shards_dir, manifest, "train")
 
     def train_batches(epoch: int):
-        views = ViewSource(params.seed, epoch, views_per_decode, crop_spec(params.augment),
-                           store, cached_views=params.logits.views if is_student else 0,
-                           shuffle_seed=shuffle_seed)
-        return train_loader(train_shards, views, batch_size=batch_size,
+        return train_loader(train_shards, views(epoch), batch_size=batch_size,
                             image_size=settings.image_size, workers=settings.workers,
                             rank=ranks.rank, world_size=ranks.world_size, pin_memory=pin,
                             drop_last=settings.drop_last, decode=decode)
@@ -238,11 +234,7 @@ def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
         raise UserError(f"{key}.batch_size: {settings.batch_size} is more than the "
                         f"{rows * views_per_decode} training samples of an epoch and "
                         "drop_last is set: no step would be taken; lower it")
-    identity = model_identity(settings, params, manifest)
-    if is_student:  # what the student learns from: a checkpoint resumes only if it is unchanged
-        identity["targets"] = teacher_identity
-    test_batches = eval_batches("test") if params.evaluate.every_epoch_on_test else None
-    return TrainRun(settings, objective, train_batches, eval_batches(val_split),
-                    steps_per_epoch=steps_per_epoch, identity=identity,
-                    teacher_targets=teacher_targets, class_prior=class_prior,
-                    test_batches=test_batches, description=description)
+    val_split = "val" if "val" in manifest["splits"] else "test"
+    return {"train_batches": train_batches, "val_batches": eval_batches(val_split),
+            "test_batches": eval_batches("test") if params.evaluate.every_epoch_on_test else None,
+            "steps_per_epoch": steps_per_epoch}
