@@ -333,7 +333,8 @@ def make_params(raw: dict) -> Params:
 # A teacher without images
 
 
-def hierarchical_logits(num_classes: int = 1000, seed: int = 0):
+def hierarchical_logits(num_classes: int = 1000, seed: int = 0, *, test_per_class: int = 6,
+                        train_per_class: int = 20, epochs: int = 6):
     """A realistic teacher without images: (6 C, C) logits of a teacher, of a weaker student and
     the labels, for C = 10, 100 or 1000 classes in a hierarchy of tens (1000 = 10 superclasses
     x 10 groups x 10 classes). Class means add a term per level (N(0, I) in 64 dimensions,
@@ -342,11 +343,13 @@ def hierarchical_logits(num_classes: int = 1000, seed: int = 0):
     on 20 samples per class (Adam, 6 epochs), the weaker student a head trained on another 8
     samples per class with half the features; logits on 6 held-out samples per class. At
     C = 1000 the teacher has about 68 % top-1, a mean top probability of 0.43 and logits spread
-    3 (std per sample): ImageNet teachers' range."""
+    3 (std per sample): ImageNet teachers' range. Other C (iNaturalist's 8,142): ceil(log10 C)
+    levels of tens, the first (C - 1) // 10**(depth - 1) + 1 superclasses used, the extra top
+    level scaled 1.4; `test_per_class` 1 keeps its (C, C) logits in memory (265 MB at 8,142)."""
     generator = torch.Generator().manual_seed(seed)
     dims, hidden = 64, 256
-    depth = round(np.log10(num_classes))
-    scales = (1.0, 0.7, 0.5)[-depth:]
+    depth = max(1, int(np.ceil(np.log10(num_classes) - 1e-9)))
+    scales = (1.4, 1.0, 0.7, 0.5)[-depth:]
     levels = [torch.randn(10**(i + 1), dims, generator=generator) * s
               for i, s in enumerate(scales)]
     classes = torch.arange(num_classes)
@@ -370,10 +373,10 @@ def hierarchical_logits(num_classes: int = 1000, seed: int = 0):
                 optimizer.step()
         return head
 
-    teacher_head = train_head(*sample(20), epochs=6)
+    teacher_head = train_head(*sample(train_per_class), epochs=epochs)
     features, labels = sample(8)
-    student_head = train_head(features[:, : hidden // 2], labels, epochs=6)
-    test_features, test_labels = sample(6)
+    student_head = train_head(features[:, : hidden // 2], labels, epochs=epochs)
+    test_features, test_labels = sample(test_per_class)
     with torch.no_grad():
         return (teacher_head(test_features), student_head(test_features[:, : hidden // 2]),
                 test_labels)

@@ -176,15 +176,16 @@ def make_loader(folder: Path, kind: str, epoch: int, workers: int | None = None)
 
 
 class DecodeFile:
-    """ImageFolder's loader: the file's bytes through the stream's own decode (a class, not a
-    lambda, so DataLoader workers can pickle it)."""
+    """ImageFolder's loader as users have it: Pillow's decode of the file, as a (3, H, W)
+    uint8 tensor for the v2 transforms (a class, not a lambda, so DataLoader workers can
+    pickle it)."""
 
     def __call__(self, path: str) -> torch.Tensor:
-        from pipeline.stream.loader import decode
+        import numpy as np
+        from PIL import Image
 
-        extension = "jpg" if path.endswith(".jpg") else "png"
-        with open(path, "rb") as stream:
-            return decode({extension: stream.read(), "__key__": path})
+        with Image.open(path) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
 def image_folder_loader(root: Path, params, epoch: int):

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+import simplejpeg
 import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
@@ -289,10 +290,9 @@ def _corrupt(url: str, what: str) -> str:
 
 
 def decode(sample: dict) -> torch.Tensor:
-    """The sample's image as (3, H, W) uint8 RGB (PIL: torchvision's decoders are deprecated
-    from 0.29)."""
-    with _open_image(sample) as image:
-        return _rgb_tensor(image)
+    """The sample's image as (3, H, W) uint8 RGB, decoded as the training views are
+    (`SourceImage`: simplejpeg for JPEGs, else Pillow)."""
+    return SourceImage(sample).full()
 
 
 def _rgb_tensor(image: Image.Image) -> torch.Tensor:
@@ -305,15 +305,29 @@ class SourceImage:
     """One sample's encoded image, decoded lazily, once per JPEG draft scale its views need:
     the one decode path of the teacher's dump and the student's replay, so the same view of
     the same row is the same pixels in both (pipeline.stream.augment.DECODE; tests/test_decode.py).
-    `height`, `width`: the source image's size (from its header, read once: the first decode
-    reuses the opened file)."""
+    `height`, `width`: the source image's size, from its header.
 
-    def __init__(self, sample: dict):
+    JPEGs in YCbCr or grayscale are decoded by simplejpeg (libjpeg-turbo in its wheel) straight
+    into a numpy array, at the DCT scale a view's draft needs: the same libjpeg-turbo decode
+    Pillow runs (islow IDCT, fancy upsampling), so the same pixels, bit for bit
+    (tests/test_decode.py compares both at every draft scale), for about 0.6x Pillow's CPU on
+    photo-sized JPEGs (benchmarks/decode_steps.py): Pillow feeds libjpeg in chunks and copies
+    the image once more into numpy. Other images (PNG, CMYK JPEGs) and JPEGs simplejpeg
+    refuses (it stops at libjpeg's warnings) take Pillow's path, as before. `turbo=False`
+    forces Pillow's path (the benchmarks' "before")."""
+
+    def __init__(self, sample: dict, turbo: bool = True):
         self.sample, self.data = sample, _image_bytes(sample)  # the encoded file
-        with _image_errors(sample):
-            self._unread = Image.open(io.BytesIO(self.data))  # header only
-        self.height, self.width = self._unread.height, self._unread.width
-        self.jpeg = self._unread.format == "JPEG"
+        self._unread = None
+        header = _turbo_header(self.data) if turbo else None
+        if header is not None:
+            self.height, self.width = header
+            self.jpeg = self.turbo = True
+        else:
+            with _image_errors(sample):
+                self._unread = Image.open(io.BytesIO(self.data))  # header only
+            self.height, self.width = self._unread.height, self._unread.width
+            self.jpeg, self.turbo = self._unread.format == "JPEG", False
         self._decoded = {}  # draft scale -> (3, H, W) tensor at scale 1, RGB PIL image above
 
     def crop(self, box, flip: bool, size: int) -> torch.Tensor:
@@ -327,22 +341,42 @@ class SourceImage:
     def full(self) -> torch.Tensor:
         """The whole image, decoded at full size: (3, H, W) uint8."""
         if 1 not in self._decoded:
-            with _image_errors(self.sample), self._unopened() as image:
-                self._decoded[1] = _rgb_tensor(image)
+            pixels = self._turbo(1) if self.turbo else None
+            if pixels is None:
+                with _image_errors(self.sample), self._unopened() as image:
+                    self._decoded[1] = _rgb_tensor(image)
+            else:
+                self._decoded[1] = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W)
         return self._decoded[1]
 
     def _drafted(self, scale: int) -> Image.Image:
         if scale not in self._decoded:
-            with _image_errors(self.sample), self._unopened() as image:
-                # asks for the scale exactly: PIL picks the largest s <= width // requested
-                image.draft(image.mode, (self.width // scale, self.height // scale))
-                drafted = image.convert("RGB")
+            pixels = self._turbo(scale) if self.turbo else None
+            if pixels is not None:
+                drafted = Image.fromarray(pixels)
+            else:
+                with _image_errors(self.sample), self._unopened() as image:
+                    # asks for the scale exactly: PIL picks the largest s <= width // requested
+                    image.draft(image.mode, (self.width // scale, self.height // scale))
+                    drafted = image.convert("RGB")
             expected = (-(-self.width // scale), -(-self.height // scale))
-            if drafted.size != expected:  # a Pillow whose draft rounds otherwise
+            if drafted.size != expected:  # a decoder whose draft rounds otherwise
                 raise RuntimeError(f"JPEG draft at 1/{scale} gave {drafted.size}, expected "
-                                   f"{expected}: this Pillow is not supported")
+                                   f"{expected}: this Pillow or simplejpeg is not supported")
             self._decoded[scale] = drafted
         return self._decoded[scale]
+
+    def _turbo(self, scale: int) -> np.ndarray | None:
+        """(H / scale, W / scale, 3) uint8 RGB by simplejpeg at DCT scale 1 / `scale` (sides
+        rounded up, as Pillow's draft), or None when it refuses the data (Pillow then decodes
+        it as before, or names the shard as corrupt)."""
+        try:
+            return simplejpeg.decode_jpeg(self.data, "RGB", min_factor=scale,
+                                          min_height=-(-self.height // scale),
+                                          min_width=-(-self.width // scale))
+        except ValueError:
+            self.turbo = False
+            return None
 
     def _unopened(self) -> Image.Image:
         """The file opened but not decoded: the header's on first use, then a new one."""
@@ -350,12 +384,19 @@ class SourceImage:
         return image if image is not None else Image.open(io.BytesIO(self.data))
 
 
-@contextmanager
-def _open_image(sample: dict):
-    """The sample's image opened by PIL; bytes that do not decode name the shard as corrupt."""
-    data = _image_bytes(sample)  # a CorruptShardError of its own when missing
-    with _image_errors(sample), Image.open(io.BytesIO(data)) as image:
-        yield image
+# libjpeg colour spaces whose RGB output is Pillow's convert("RGB") of its own decode.
+_TURBO_COLORSPACES = ("YCbCr", "Gray")
+
+
+def _turbo_header(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that simplejpeg decodes as Pillow would, else None."""
+    if data[:2] != b"\xff\xd8":  # not a JPEG (PNG): simplejpeg would only raise
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (height, width) if colorspace in _TURBO_COLORSPACES else None
 
 
 @contextmanager
