@@ -23,7 +23,7 @@ from pipeline.store import (LOGIT_FIELDS, StoreMismatchError, create_store, fina
                             fit_tail_basis, open_store, shard_bounds, teacher_logits_from_fields,
                             write_shard, write_tail_basis)
 from pipeline.store.tail import TAIL_STEP, tail_components
-from pipeline.stream.loader import (FRESH_VIEW_OFFSET, ViewSource, decode, split_shards,
+from pipeline.stream.loader import (FRESH_VIEW_OFFSET, TrainStream, ViewSource, decode, split_shards,
                              train_loader)
 
 SEED = 0
@@ -307,3 +307,30 @@ def test_open_store_refuses_another_dataset_seed_or_teacher(shards, row_coded_st
         open_store(path, fingerprint=manifest["fingerprint"], seed=1)
     with pytest.raises(StoreMismatchError, match="teacher_sha256"):
         open_store(path, teacher_sha256="cd" * 32)
+
+
+def test_one_stream_serves_every_epoch_from_the_same_workers(shards, row_coded_store):
+    """TrainStream (one per run): its 2 workers start once; epoch e gives exactly what a fresh
+    one-epoch loader of epoch e gives (rows, order, pixels, teacher fields), each batch's
+    tensors written by the worker into shared memory, and epochs differ."""
+    shards_dir, manifest, _, _ = shards
+    store, _ = row_coded_store
+    train_shards = split_shards(shards_dir, manifest, "train")
+    stream = TrainStream(train_shards, ViewSource(SEED, 0, 1, BOX_SPEC, store), batch_size=8,
+                         image_size=IMAGE_SIZE, workers=2)
+    workers, orders = set(), []
+    for epoch in (0, 1, 2, 1):
+        batches = list(stream.epoch(epoch))
+        # a batch that is one worker chunk (not a worker's short last one, merged here)
+        assert sum(batch["images"].is_shared() for batch in batches) >= 8
+        workers.add(tuple(sorted(w.pid for w in stream.loader._iterator._workers)))
+        kept = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
+        fresh = collect(train_loader(train_shards, ViewSource(SEED, epoch, 1, BOX_SPEC, store),
+                                     batch_size=8, image_size=IMAGE_SIZE, workers=2))
+        assert kept.keys() == fresh.keys()
+        for key in kept:
+            assert torch.equal(kept[key], fresh[key]), (epoch, key)
+        assert len(batches) == len(stream.epoch(epoch)) == 11
+        orders.append(kept["rows"].tolist())
+    assert len(workers) == 1, "the same worker processes served every epoch"
+    assert orders[1] == orders[3] and len({tuple(order) for order in orders[:3]}) == 3

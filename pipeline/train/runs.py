@@ -20,7 +20,7 @@ from pipeline.data.manifest import file_sha256, load_manifest
 from pipeline.store import (LOGIT_FIELDS, LogitStore, TailBasis, open_store,
                             teacher_logits_from_fields)
 from pipeline.distributed import distributed
-from pipeline.stream.loader import ViewSource, epoch_steps, eval_loader, split_shards, train_loader
+from pipeline.stream.loader import TrainStream, ViewSource, epoch_steps, eval_loader, split_shards
 from pipeline.train.loop import TrainRun, fit
 
 
@@ -216,14 +216,15 @@ def _run(params: Params, settings: TrainParams, manifest: dict, shards_dir: str,
     pin = ranks.device.type == "cuda"
     batch_size = rank_batch_size(settings.batch_size, ranks.world_size, key)
 
-    def train_batches(epoch: int):
-        views = ViewSource(params.seed, epoch, views_per_decode, crop_spec(params.augment),
-                           store, cached_views=params.logits.views if is_student else 0,
-                           shuffle_seed=shuffle_seed)
-        return train_loader(train_shards, views, batch_size=batch_size,
-                            image_size=settings.image_size, workers=settings.workers,
-                            rank=ranks.rank, world_size=ranks.world_size, pin_memory=pin,
-                            drop_last=settings.drop_last, decode=decode)
+    # One stream per run: its workers start once and serve every epoch.
+    views = ViewSource(params.seed, 0, views_per_decode, crop_spec(params.augment), store,
+                       cached_views=params.logits.views if is_student else 0,
+                       shuffle_seed=shuffle_seed)
+    stream = TrainStream(train_shards, views, batch_size=batch_size,
+                         image_size=settings.image_size, workers=settings.workers,
+                         rank=ranks.rank, world_size=ranks.world_size, pin_memory=pin,
+                         drop_last=settings.drop_last, decode=decode)
+    train_batches = stream.epoch
 
     def eval_batches(split: str):
         shards = split_shards(shards_dir, manifest, split)
