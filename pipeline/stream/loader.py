@@ -21,8 +21,10 @@ A batch is a dict of tensors: `images` (B, 3, S, S) uint8 (on the device decode 
 pipeline.stream.device_decode.batch_pixels), `labels` (B,) int64, `rows` (B,) int64, and for a
 student the store's fields of its teacher logits (pipeline.store.LOGIT_FIELDS):
 `topk_log_probs` (B, k) float16, `topk_classes` (B, k) int64, `logsumexp` (B,) float32 and, with
-a quantised tail, `tail_codes` (B, C) uint8 and `tail_floor` (B,) float16; the trainer decodes
-them into (B, C) logits on its device (pipeline.train.runs.CachedTeacher).
+a quantised tail, `tail_coefficients` (B, r) int8 (int16 above C = 1000) and `tail_residuals`
+(B, C) int16; the trainer decodes them into (B, C) logits on its device
+(pipeline.train.runs.CachedTeacher). A run keeps one `TrainStream`: its workers live across
+epochs, each epoch's chain built inside them from a shared epoch number.
 """
 
 from __future__ import annotations
