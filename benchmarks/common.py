@@ -132,19 +132,20 @@ class TimedBatches:
 
 
 def time_train_loaders(log: list, sync=None, on_start=None) -> None:
-    """Make every pipeline.train.runs training loader a TimedBatches logging to `log`.
+    """Make every epoch of a pipeline.train.runs training stream a TimedBatches logging to `log`.
 
-    The student's and teacher's loops get their batches from `train_loader` as imported into
-    pipeline.train.runs; wrapping it there times the real loop (pipeline.train.loop.fit) unchanged.
+    The student's and teacher's loops get each epoch's batches from `TrainStream.epoch` (one
+    stream per run, as imported into pipeline.train.runs); wrapping it there times the real
+    loop (pipeline.train.loop.fit) unchanged.
     """
     import pipeline.train.runs as distill
 
-    original = distill.train_loader
+    original = distill.TrainStream.epoch
 
-    def timed_train_loader(*args, **kwargs):
-        return TimedBatches(original(*args, **kwargs), log, sync, on_start)
+    def timed_epoch(stream, epoch):
+        return TimedBatches(original(stream, epoch), log, sync, on_start)
 
-    distill.train_loader = timed_train_loader
+    distill.TrainStream.epoch = timed_epoch
 
 
 # ---------------------------------------------------------------------------------------------
