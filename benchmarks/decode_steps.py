@@ -5,9 +5,11 @@
 
 1. reading a tar shard into (name, bytes) members: webdataset's tarfile-based
    `tar_file_expander` vs pipeline.stream.tars.tar_members (us per member, whole shards from memory);
-2. one view's pixels from the encoded bytes: the full decode + apply_view (the path before
-   JPEG draft mode) vs pipeline.stream.loader.SourceImage.crop (draft mode where the crop allows it),
-   view 0 of every train row, at each --sizes crop side; prints the share of drafted views.
+2. the whole JPEG to RGB pixels by each libjpeg-turbo binding PyPI offers (Pillow, simplejpeg,
+   and imagecodecs / PyTurboJPEG where installed), after checking each gives Pillow's pixels;
+3. one view's pixels from the encoded bytes: pipeline.stream.loader.SourceImage.crop (draft mode
+   where the crop allows it) with Pillow's decode (before issue 24) vs simplejpeg's, view 0 of
+   every train row, at each --sizes crop side; prints the share of drafted views.
 Data: the train shards of benchmarks/loader.py's photo-like set (run it once first; its cache
 is --work). Each round times every alternative once over all the data, in rotating order;
 figures are medians over --rounds rounds, ratios medians of per-round ratios. One process, one
@@ -46,22 +48,51 @@ def tar_alternatives(blobs: list[bytes]) -> dict:
     return {"tarfile (webdataset)": with_tarfile, "pipeline.stream.tars": direct}
 
 
+def decoder_alternatives(samples: list[dict]) -> dict:
+    """The whole JPEG to an (H, W, 3) uint8 RGB array by each binding of libjpeg-turbo that
+    PyPI offers (Pillow first: the one replaced); the optional ones when installed (imagecodecs;
+    PyTurboJPEG, which needs a system libturbojpeg >= 3.0)."""
+    from PIL import Image
+    import simplejpeg
+
+    blobs = [sample["jpg"] for sample in samples if "jpg" in sample]
+    decoders = {"Pillow": lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")),
+                "simplejpeg": lambda data: simplejpeg.decode_jpeg(data, "RGB")}
+    try:
+        import imagecodecs
+        decoders["imagecodecs"] = imagecodecs.jpeg8_decode
+    except ImportError:
+        print("  (imagecodecs not installed: left out)")
+    try:
+        from turbojpeg import TJPF_RGB, TurboJPEG
+        turbo = TurboJPEG()
+        decoders["PyTurboJPEG"] = lambda data: turbo.decode(data, TJPF_RGB)
+    except (ImportError, RuntimeError, OSError) as error:
+        print(f"  (PyTurboJPEG not usable here: {str(error)[:80]}: left out)")
+    reference = [decoders["Pillow"](data) for data in blobs]
+    for name, decoder in decoders.items():
+        same = all(np.array_equal(decoder(data), pixels) for data, pixels in zip(blobs, reference))
+        print(f"  {name}: {'the same pixels as Pillow' if same else 'OTHER PIXELS than Pillow'}"
+              f" on all {len(blobs)} JPEGs")
+
+    def timed(decoder):
+        return lambda: sum(1 for data in blobs if decoder(data) is not None)
+
+    return {name: timed(decoder) for name, decoder in decoders.items()}
+
+
 def crop_alternatives(samples: list[dict], boxes, flips, size: int) -> dict:
-    from pipeline.stream.augment import apply_view
-    from pipeline.stream.loader import SourceImage, decode
+    from pipeline.stream.loader import SourceImage
 
-    def full():
-        for sample, box, flip in zip(samples, boxes, flips):
-            apply_view(decode(sample), box, bool(flip), size)
-        return len(samples)
+    def view(turbo: bool):
+        def run():
+            for sample, box, flip in zip(samples, boxes, flips):
+                SourceImage(sample, turbo=turbo).crop(box, bool(flip), size)
+            return len(samples)
+        return run
 
-    def drafted():
-        for sample, box, flip in zip(samples, boxes, flips):
-            SourceImage(sample).crop(box, bool(flip), size)
-        return len(samples)
-
-    return {f"full decode + apply_view, {size} px": full,
-            f"SourceImage.crop (draft), {size} px": drafted}
+    return {f"Pillow (draft), {size} px": view(False),
+            f"simplejpeg (draft), {size} px": view(True)}
 
 
 def race(alternatives: dict, rounds: int) -> dict:
@@ -82,8 +113,9 @@ def report(times: dict, unit: str) -> None:
     for name in names:
         print(f"  {name:<42} {median(times[name]):9.1f} CPU us/{unit}   (rounds: "
               f"{', '.join(f'{v:.0f}' for v in times[name])})")
-    ratio = median(a / b for a, b in zip(times[names[0]], times[names[1]]))
-    print(f"  speed-up {names[1]} vs {names[0]}: {ratio:.2f}x")
+    for name in names[1:]:
+        ratio = median(a / b for a, b in zip(times[names[0]], times[name]))
+        print(f"  speed-up {name} vs {names[0]}: {ratio:.2f}x")
 
 
 def main() -> None:
@@ -110,10 +142,13 @@ def main() -> None:
           f"({sum(map(len, blobs)) / 2**20:.1f} MiB in {len(blobs)} shards), {load_line()}")
     print("1. tar members (name, bytes) from whole shards in memory:")
     report(race(tar_alternatives(blobs), args.rounds), "member")
+    print("2. the whole JPEG decoded to RGB pixels, per binding of libjpeg-turbo:")
+    report(race(decoder_alternatives(samples), args.rounds), "image")
     for size in args.sizes:
         scales = [draft_scale(box, h, w, size) for box, (h, w) in zip(boxes[0], sizes)]
         shares = ", ".join(f"1/{s}: {np.mean(np.array(scales) == s):.0%}" for s in (1, 2, 4, 8))
-        print(f"2. view 0 of every row at {size} px (draft scale of the views: {shares}):")
+        print(f"3. SourceImage.crop of view 0 of every row at {size} px (header, decode at the "
+              f"view's draft scale, crop, resize; draft scale of the views: {shares}):")
         report(race(crop_alternatives(samples, boxes[0], flips[0], size), args.rounds),
                "view")
     print(load_line() + " (at the end)")

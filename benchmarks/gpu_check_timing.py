@@ -90,12 +90,12 @@ def record_phases(log: list, sync) -> None:
     before common.time_train_loaders, whose TimedBatches then wraps these."""
     import pipeline.train.runs as distill
 
-    original = distill.train_loader
+    original = distill.TrainStream.epoch
 
-    def phased_train_loader(*args, **kwargs):
-        return EpochPhases(original(*args, **kwargs), log, sync)
+    def phased_epoch(stream, epoch):
+        return EpochPhases(original(stream, epoch), log, sync)
 
-    distill.train_loader = phased_train_loader
+    distill.TrainStream.epoch = phased_epoch
 
 
 # ---------------------------------------------------------------------------------------------

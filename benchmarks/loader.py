@@ -20,15 +20,18 @@ Shards of 256 rows by pipeline.data.shards; batch 64.
   and flips replayed, logits attached to each sample;
 - without logits: the same train_loader with no store (views drawn from the seed per segment);
 - ImageFolder: torchvision.datasets.ImageFolder over the same train images, extracted from the
-  shards byte for byte into root/class/row.jpg, decoded by the stream's own decode (PIL) and
+  shards byte for byte into root/class/row.jpg, decoded by Pillow (as users have it) and
   cropped by torchvision's v2 RandomResizedCrop (bilinear, antialias: apply_view's op) and
   RandomHorizontalFlip, in a DataLoader with shuffle and the default collate;
-- decode-only bound: every train image's bytes held in memory, then the stream's own per-sample
-  work (pipeline.stream.loader's decode + crop + resize of one view) in a tight loop in one process,
-  times --workers: the most a CPU path with that many workers can deliver on this machine.
-All three loaders: --workers DataLoader workers (2), a new DataLoader per epoch (the stream makes
-one per epoch; ImageFolder's workers restart per epoch unless persistent, here not), worker start
-included. Each run, in a fresh subprocess, reads --epochs epochs; the first (warm page cache) is
+- decode-only bounds: every train image's bytes held in memory, then the stream's own
+  per-sample work (pipeline.stream.loader's header read, decode + crop + resize of one view) in
+  a tight loop in one process, times --workers: the most a CPU path with that many workers can
+  deliver on this machine; "Pillow" with the decode before simplejpeg (SourceImage(...,
+  turbo=False): the goal's bound, issue 24), the other with today's.
+The two streams: one TrainStream per run, as a training run keeps (persistent workers, started
+in the first epoch); ImageFolder: a new DataLoader per epoch (its default, worker start
+included). CPU time counts the main process and its workers (live ones from /proc).
+Each run, in a fresh subprocess, reads --epochs epochs; the first (warm page cache) is
 not counted; samples per second are medians over the other epochs, then over rounds, with the
 loaders and the bound alternating (order rotating) in each round. Ratios: medians of per-round
 ratios.
@@ -57,12 +60,14 @@ from common import (dataset_line, machine_line, make_params, median,  # noqa: E4
                     write_teacher_checkpoint)
 
 # paired / other, at least (issue 15: realistic JPEGs at 224 px, 2 workers)
-GOALS = {"no_logits": 0.97, "image_folder": 1.3, "decode_bound": 0.8}
+GOALS = {"no_logits": 0.97, "image_folder": 1.3, "pil_bound": 0.8}
 LOADERS = ("paired", "no_logits", "image_folder")
-KINDS = LOADERS + ("decode_bound",)
+KINDS = LOADERS + ("pil_bound", "decode_bound")
 LABELS = {"paired": "paired stream (images + logits)", "no_logits": "same stream, no logits",
           "image_folder": "torchvision ImageFolder, files",
+          "pil_bound": "Pillow decode-only bound x workers",
           "decode_bound": "decode-only bound x workers"}
+BOUNDS = ("pil_bound", "decode_bound")
 VIEWS, TOPK = 2, 10
 PHOTO_CACHE = "/tmp/ikl-distill-loader-photo"
 DEFAULTS = {  # per --data: classes, train images per class, crop side
@@ -154,11 +159,12 @@ def extract_image_folder(shards: Path, manifest: dict, root: Path) -> None:
 
 def make_loader(folder: Path, kind: str, epoch: int, workers: int | None = None):
     """One epoch's DataLoader of `kind` (see the module docstring); `workers` overrides the
-    params' DataLoader workers."""
+    params' DataLoader workers. The streams: a TrainStream whose `epoch(e)` gives epoch e, as
+    a training run keeps one (its workers start once)."""
     from pipeline.train.runs import crop_spec
     from pipeline.data.manifest import load_manifest
     from pipeline.store import open_store
-    from pipeline.stream.loader import ViewSource, split_shards, train_loader
+    from pipeline.stream.loader import TrainStream, ViewSource, split_shards
 
     saved = json.loads((folder / "params.json").read_text())
     if workers is not None:
@@ -171,20 +177,21 @@ def make_loader(folder: Path, kind: str, epoch: int, workers: int | None = None)
     views = ViewSource(params.seed, epoch, 1, crop_spec(params.augment), store,
                        cached_views=params.logits.views)
     shards = split_shards(saved["shards"], load_manifest(saved["shards"]), "train")
-    return train_loader(shards, views, batch_size=settings.batch_size,
-                        image_size=settings.image_size, workers=settings.workers)
+    return TrainStream(shards, views, batch_size=settings.batch_size,
+                       image_size=settings.image_size, workers=settings.workers)
 
 
 class DecodeFile:
-    """ImageFolder's loader: the file's bytes through the stream's own decode (a class, not a
-    lambda, so DataLoader workers can pickle it)."""
+    """ImageFolder's loader as users have it: Pillow's decode of the file, as a (3, H, W)
+    uint8 tensor for the v2 transforms (a class, not a lambda, so DataLoader workers can
+    pickle it)."""
 
     def __call__(self, path: str) -> torch.Tensor:
-        from pipeline.stream.loader import decode
+        import numpy as np
+        from PIL import Image
 
-        extension = "jpg" if path.endswith(".jpg") else "png"
-        with open(path, "rb") as stream:
-            return decode({extension: stream.read(), "__key__": path})
+        with Image.open(path) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
 def image_folder_loader(root: Path, params, epoch: int):
@@ -209,9 +216,10 @@ def samples_in(batch) -> int:
     return len(batch["labels"]) if isinstance(batch, dict) else len(batch[1])
 
 
-def decode_bound_child(folder: Path, epochs: int) -> dict:
+def decode_bound_child(folder: Path, epochs: int, turbo: bool = True) -> dict:
     """Samples per second of the stream's own decode + crop + resize stage (view 0 of every
-    train image, bytes already in memory) in this one process, per pass over the data."""
+    train image, bytes already in memory) in this one process, per pass over the data;
+    `turbo=False`: with Pillow's decode, as before simplejpeg (the goal's bound)."""
     from pipeline.stream.augment import draw_views
     from pipeline.train.runs import crop_spec
     from pipeline.data.manifest import load_manifest
@@ -222,7 +230,9 @@ def decode_bound_child(folder: Path, epochs: int) -> dict:
     samples = []
     for shard in split_shards(saved["shards"], load_manifest(saved["shards"]), "train"):
         samples += list(read_shard(shard))
-    heights, widths = zip(*((i.height, i.width) for i in map(SourceImage, samples)))
+    for sample in samples:
+        sample["image"] = SourceImage(sample, turbo=turbo)  # decoded anew each pass below
+    heights, widths = zip(*((s["image"].height, s["image"].width) for s in samples))
     boxes, flips = draw_views(params.seed, 1, [s["meta"]["row"] for s in samples], heights,
                               widths, spec=crop_spec(params.augment))
     for i, sample in enumerate(samples):
@@ -231,6 +241,8 @@ def decode_bound_child(folder: Path, epochs: int) -> dict:
     rates, cpu = [], []
     for _ in range(epochs):
         start, cpu_start = time.perf_counter(), process_cpu()
+        for sample in samples:
+            sample["image"] = SourceImage(sample, turbo=turbo)  # header read: a worker's too
         count = sum(1 for _ in stage(iter(samples)))
         rates.append(count / (time.perf_counter() - start))
         cpu.append((process_cpu() - cpu_start) / count)
@@ -238,25 +250,49 @@ def decode_bound_child(folder: Path, epochs: int) -> dict:
 
 
 def process_cpu() -> float:
-    """CPU seconds of this process and of its waited-for children (DataLoader workers, once
-    an epoch's loader has shut them down): load on the machine does not inflate it."""
+    """CPU seconds of this process and of its children: the waited-for ones (DataLoader
+    workers, once an epoch's loader has shut them down) from getrusage, the live ones
+    (persistent workers) from /proc; load on the machine does not inflate it."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
         resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return (own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+            + live_children_cpu())
+
+
+def live_children_cpu() -> float:
+    """CPU seconds (user + system) of this process's children still running."""
+    import os
+
+    ticks, total = os.sysconf("SC_CLK_TCK"), 0
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == me:  # ppid; utime, stime are fields 14, 15 of stat
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
 
 
 def time_child(folder: Path, kind: str, epochs: int) -> dict:
-    """Samples per second of each epoch (a fresh DataLoader each, worker start included)."""
-    if kind == "decode_bound":
-        return decode_bound_child(folder, epochs)
+    """Samples per second of each epoch: the streams from one TrainStream (workers started
+    once, in the first epoch), ImageFolder from a fresh DataLoader each epoch (its default:
+    worker start included). CPU time: this process and its workers (`worker_cpu`)."""
+    if kind in BOUNDS:
+        return decode_bound_child(folder, epochs, turbo=kind == "decode_bound")
     rates, cpu = [], []
+    stream = make_loader(folder, kind, 0) if kind != "image_folder" else None
     for epoch in range(epochs):
         start, cpu_start, samples = time.perf_counter(), process_cpu(), 0
-        loader = make_loader(folder, kind, epoch)
+        loader = make_loader(folder, kind, epoch) if stream is None else stream.epoch(epoch)
         for batch in loader:
             samples += samples_in(batch)
-        del loader, batch  # shuts the workers down, so their CPU time is counted
-        gc.collect()
+        if stream is None:
+            del loader, batch  # shuts the workers down, so their CPU time is counted
+            gc.collect()
         rates.append(samples / (time.perf_counter() - start))
         cpu.append((process_cpu() - cpu_start) / samples)
     return {"rates": rates, "cpu": cpu, "samples": samples}
@@ -323,12 +359,13 @@ def main() -> None:
         cpu = {side: {kind: [] for kind in KINDS} for side in sides}
         for round_index in range(args.rounds):
             for side in sides:
-                order = KINDS[round_index % 4:] + KINDS[:round_index % 4]
+                order = (KINDS[round_index % len(KINDS):]
+                         + KINDS[:round_index % len(KINDS)])
                 for kind in order:
                     result = run_child(__file__, [
                         "--child", "time", str(folders[side]), kind, "--epochs",
                         str(args.epochs), "--data", args.data], cwd=folders[side])
-                    scale = args.workers if kind == "decode_bound" else 1
+                    scale = args.workers if kind in BOUNDS else 1
                     rates[side][kind].append(scale * median(result["rates"][1:]))
                     cpu[side][kind].append(1e3 * median(result["cpu"][1:]))
         print(f"{args.workers} DataLoader workers; samples/s: median over {args.epochs - 1} "
@@ -350,12 +387,16 @@ def report(title: str, rates: dict, cpu: dict) -> None:
     for kind in KINDS:
         print(f"  {LABELS[kind]:<32} {median(rates[kind]):8.0f} samples/s   (rounds: "
               f"{', '.join(f'{v:.0f}' for v in rates[kind])});  CPU {median(cpu[kind]):6.2f} "
-              "ms/sample" + (" (one process)" if kind == "decode_bound" else " (all processes)"))
+              "ms/sample" + (" (one process)" if kind in BOUNDS else " (all processes)"))
     for other, goal in GOALS.items():
         ratio = median(p / o for p, o in zip(rates["paired"], rates[other]))
         by_cpu = median(o / p for p, o in zip(cpu["paired"], cpu[other]))
         print(f"  paired / {LABELS[other]:<31} {ratio:6.3f}x wall, {by_cpu:6.3f}x by CPU time "
               f"(goal >= {goal}: {verdict(ratio >= goal)} wall, {verdict(by_cpu >= goal)} CPU)")
+    by_cpu = median(o / p for p, o in zip(cpu["paired"], cpu["decode_bound"]))
+    print(f"  paired / {LABELS['decode_bound']:<31} {by_cpu:6.3f}x by CPU time (the new bound)")
+    by_cpu = median(p / o for p, o in zip(cpu["pil_bound"], cpu["decode_bound"]))
+    print(f"  decode-only bound: simplejpeg / Pillow  {by_cpu:6.3f}x less CPU per sample")
 
 
 def print_profiles(folder: Path, title: str) -> None:

@@ -2,9 +2,12 @@
 the student's replay see the same pixels for every view, bit for bit; a drafted view is the
 same view (its box mapped exactly), only decoded at a DCT scale."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers_jpeg import (SIZE, dump_and_replay, jpeg_layout, jpeg_sample, textured,
                           train_image_sizes)
@@ -13,7 +16,7 @@ from pipeline.stream.augment import (DECODE, apply_view, apply_view_drafted, dra
 from pipeline.stream.device_decode import check_replay_decode
 from pipeline.errors import UserError
 from pipeline.store import open_store
-from pipeline.stream.loader import SourceImage
+from pipeline.stream.loader import CorruptShardError, SourceImage
 
 VIEWS = 4
 
@@ -93,3 +96,58 @@ def test_a_store_dumped_with_another_decode_is_refused(jpeg_data):
     with pytest.raises(UserError, match="dumped with student.decode 'some-other-decoder'.*: "
                                         "rerun dump_logits"):
         check_replay_decode(store.path, "some-other-decoder", DECODE)
+
+
+def _encoded(pixels: np.ndarray, **options) -> dict:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", **options)
+    return {"jpg": buffer.getvalue(), "__key__": "x", "__url__": "memory://x"}
+
+
+def test_simplejpeg_gives_pillows_pixels_for_every_view_and_scale():
+    """The decoder of the CPU path (simplejpeg) against the one it replaced (Pillow, the
+    pixels of stores dumped before): every view of JPEGs of every chroma subsampling,
+    progressive and grayscale ones, at crop sizes that take every draft scale, bit for bit."""
+    rng = np.random.default_rng(3)
+    cases = [dict(quality=90, subsampling=2), dict(quality=75, subsampling=1),
+             dict(quality=95, subsampling=0), dict(quality=85, progressive=True),
+             dict(quality=90, optimize=True)]
+    scales = set()
+    for index, options in enumerate(cases + [dict(quality=90)]):
+        height, width = (int(v) for v in rng.integers(40, 420, 2))
+        pixels = textured(height, width, seed=index)
+        if index == len(cases):  # grayscale
+            pixels = pixels[..., 0]
+        sample = _encoded(pixels, **options)
+        fast, slow = SourceImage(sample), SourceImage(sample, turbo=False)
+        assert fast.turbo and not slow.turbo and (fast.height, fast.width) == (height, width)
+        assert torch.equal(fast.full(), slow.full())
+        boxes, flips = draw_views(index, 12, np.arange(1), height, width)
+        for size in (8, 16, 32, 112):
+            for box, flip in zip(boxes[:, 0], flips[:, 0]):
+                scales.add(draft_scale(box, height, width, size))
+                assert torch.equal(fast.crop(box, bool(flip), size),
+                                   slow.crop(box, bool(flip), size)), (options, size, box)
+        assert fast.turbo  # no fallback to Pillow happened
+    assert scales == {1, 2, 4, 8}
+
+
+def test_jpegs_simplejpeg_does_not_take_go_through_pillow_as_before():
+    """CMYK JPEGs (Pillow's own CMYK -> RGB), PNGs, and damaged JPEGs (Pillow decides: here
+    a corrupt-shard error naming the sample)."""
+    cmyk = io.BytesIO()
+    Image.fromarray(textured(64, 80, seed=1)).convert("CMYK").save(cmyk, format="JPEG")
+    image = SourceImage({"jpg": cmyk.getvalue(), "__key__": "c", "__url__": "memory://c"})
+    assert not image.turbo and image.jpeg
+    reference = Image.open(io.BytesIO(cmyk.getvalue())).convert("RGB")
+    assert torch.equal(image.full(), torch.from_numpy(np.array(reference)).permute(2, 0, 1))
+    png = io.BytesIO()
+    Image.fromarray(textured(30, 20, seed=2)).save(png, format="PNG")
+    image = SourceImage({"png": png.getvalue(), "__key__": "p", "__url__": "memory://p"})
+    assert not image.turbo and not image.jpeg and image.full().shape == (3, 30, 20)
+    damaged = _encoded(textured(64, 64, seed=3), quality=90)
+    damaged["jpg"] = damaged["jpg"][:len(damaged["jpg"]) // 2]
+    image = SourceImage(damaged)
+    with pytest.raises(CorruptShardError, match="sample x cannot be decoded"):
+        image.full()
+    assert not image.turbo  # simplejpeg refused it; Pillow named it

@@ -22,8 +22,9 @@ from pipeline.data.shards import prepare_shards
 from pipeline.store import (LOGIT_FIELDS, StoreMismatchError, create_store, finalize_store,
                             fit_tail_basis, open_store, shard_bounds, teacher_logits_from_fields,
                             write_shard, write_tail_basis)
+from pipeline.store.encoding import decode_fields, encode_logits
 from pipeline.store.tail import TAIL_STEP, tail_components
-from pipeline.stream.loader import (FRESH_VIEW_OFFSET, ViewSource, decode, split_shards,
+from pipeline.stream.loader import (FRESH_VIEW_OFFSET, TrainStream, ViewSource, decode, split_shards,
                              train_loader)
 
 SEED = 0
@@ -307,3 +308,76 @@ def test_open_store_refuses_another_dataset_seed_or_teacher(shards, row_coded_st
         open_store(path, fingerprint=manifest["fingerprint"], seed=1)
     with pytest.raises(StoreMismatchError, match="teacher_sha256"):
         open_store(path, teacher_sha256="cd" * 32)
+
+
+def test_one_stream_serves_every_epoch_from_the_same_workers(shards, row_coded_store):
+    """TrainStream (one per run): its 2 workers start once; epoch e gives exactly what a fresh
+    one-epoch loader of epoch e gives (rows, order, pixels, teacher fields), each batch's
+    tensors written by the worker into shared memory, and epochs differ."""
+    shards_dir, manifest, _, _ = shards
+    store, _ = row_coded_store
+    train_shards = split_shards(shards_dir, manifest, "train")
+    stream = TrainStream(train_shards, ViewSource(SEED, 0, 1, BOX_SPEC, store), batch_size=8,
+                         image_size=IMAGE_SIZE, workers=2)
+    workers, orders = set(), []
+    for epoch in (0, 1, 2, 1):
+        batches = list(stream.epoch(epoch))
+        # a batch that is one worker chunk (not a worker's short last one, merged here)
+        assert sum(batch["images"].is_shared() for batch in batches) >= 8
+        workers.add(tuple(sorted(w.pid for w in stream.loader._iterator._workers)))
+        kept = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
+        fresh = collect(train_loader(train_shards, ViewSource(SEED, epoch, 1, BOX_SPEC, store),
+                                     batch_size=8, image_size=IMAGE_SIZE, workers=2))
+        assert kept.keys() == fresh.keys()
+        for key in kept:
+            assert torch.equal(kept[key], fresh[key]), (epoch, key)
+        assert len(batches) == len(stream.epoch(epoch)) == 11
+        orders.append(kept["rows"].tolist())
+    assert len(workers) == 1, "the same worker processes served every epoch"
+    assert orders[1] == orders[3] and len({tuple(order) for order in orders[:3]}) == 3
+
+
+def test_a_store_at_inaturalist_scale_streams_exactly(shards):
+    """C = 8,142 (iNaturalist-2018): class ids above float16's exact 2,048 come through the
+    stream as the integers stored (uint16 -> int64), the tail's int16 coefficients and
+    residual steps as stored, and every class decodes within half a tail step. The store is
+    a stand-in serving the project's own encoding (a Zarr store at this C also writes a
+    265 MB (C, C) class prior, too slow for a unit test; benchmarks/store_size.py writes one)."""
+    shards_dir, manifest, labels, _ = shards
+    num_classes, rows = 8142, len(labels)
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 3, (rows, num_classes))
+    top = num_classes - 1 - 37 * np.arange(rows)  # (N,) ids 8141 .. 4996, above 2048
+    logits[np.arange(rows), top] = 20.0
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # (N, C)
+    basis = fit_tail_basis(log_probs, tail_components(num_classes))
+    stored = encode_logits(logits, 5, basis)
+    assert stored["topk_classes"].dtype == np.uint16
+    assert stored["tail_coefficients"].dtype == np.int16 and tail_components(num_classes) == 325
+    boxes, flips = draw_views(BOX_SEED, 1, np.arange(rows), IMAGE_SIZE, IMAGE_SIZE,
+                              spec=BOX_SPEC)
+    fields = {**decode_fields(stored), "boxes": boxes[0], "flips": flips[0]}
+    row_labels = np.asarray(labels)
+
+    class Store:  # what the stream uses of a LogitStore
+        views, path, tail_basis, labels = 1, "inat.zarr", basis, row_labels
+
+        @staticmethod
+        def read_rows(view, start, stop):
+            return {name: value[start:stop] for name, value in fields.items()}
+
+    data = collect(train_loader(split_shards(shards_dir, manifest, "train"),
+                                ViewSource(SEED, 0, 1, BOX_SPEC, Store()), batch_size=32,
+                                image_size=IMAGE_SIZE, workers=0))
+    order = data["rows"].numpy()
+    assert data["topk_classes"].dtype == torch.int64
+    assert np.array_equal(data["topk_classes"][:, 0].numpy(), top[order])
+    assert data["tail_coefficients"].dtype == torch.int16
+    assert data["tail_coefficients"].abs().max() > 127  # the int16 range is used
+    for name in ("topk_classes", "tail_coefficients", "tail_residuals", "topk_log_probs"):
+        assert np.array_equal(data[name].numpy(), fields[name][order].astype(
+            data[name].numpy().dtype)), name
+    decoded = teacher_logits_from_fields({name: data[name] for name in LOGIT_FIELDS},
+                                         num_classes, basis).numpy()
+    error = np.abs(decoded - logits[order])
+    assert error.max() <= TAIL_STEP / 2 + 1e-3, error.max()

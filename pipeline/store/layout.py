@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.store.encoding import class_id_dtype
-from pipeline.store.tail import TailBasis
+from pipeline.store.tail import TailBasis, coefficient_dtype
 
 MARKERS = "shard_complete"  # (num_shards,) bool, one object per shard, set after its data
 CHECKSUMS = "checksums"  # (num_shards, V, A) uint32: crc32 of each view chunk of each array
@@ -91,7 +91,8 @@ def row_array_specs(attrs: dict, rows: int | None = None) -> dict[str, tuple[tup
         "topk_codes": ((views, rows, topk), np.dtype(np.uint16)),
         "topk_classes": ((views, rows, topk), ids),
         "logsumexp": ((views, rows), np.dtype(np.float32)),
-        "tail_coefficients": ((views, rows, attrs.get("tail_components", 0)), np.dtype(np.int8)),
+        "tail_coefficients": ((views, rows, attrs.get("tail_components", 0)),
+                              coefficient_dtype(attrs["num_classes"])),
         "tail_residuals": ((views, rows, num_classes), np.dtype(np.uint16)),
         "boxes": ((views, rows, 4), np.dtype(np.uint16)),
         "flips": ((views, rows), np.dtype(bool)),

@@ -12,7 +12,8 @@ written, on the teacher's log-probabilities of view 0 of the first TAIL_FIT_ROWS
 (the rows are shuffled by prepare: a mix of classes). Per view the store keeps
 
     tail_coefficients (r,) int8    the view's coordinates in the basis, in steps of the
-                                   component's scale (6 standard deviations of the fit = 127)
+                                   component's scale (6 standard deviations of the fit = 127;
+                                   int16 and 32,767 above C = 1000: `coefficient_dtype`)
     tail_residuals    (C,) uint16  what the basis misses, log p - approximation, rounded to
                                    TAIL_STEP = 0.06 logit, zigzag-coded (0, -1, 1, -2, ... ->
                                    0, 1, 2, 3, ...: small magnitudes stay small, no clipping)
@@ -41,9 +42,29 @@ TAIL_FIT_ROWS = 2048  # rows (view 0) the basis is fitted on
 COEFFICIENT_RANGE = 6.0  # standard deviations of a coefficient mapped to code 127
 
 
+# Above this many classes the tail grows its basis and its coefficients' precision: at
+# iNaturalist's C = 8,142, int8 coefficients alone leave every class ~0.07 logit off (their
+# steps, 6 standard deviations / 127, summed over the basis), which the residuals then pay for
+# in bytes; measured in BENCHMARKS.md section 4. Up to here, the store is as it was measured.
+WIDE_TAIL_CLASSES = 1000
+
+
 def tail_components(num_classes: int) -> int:
-    """r, the basis size: C / 6 up to 64 (16 at C = 100, 64 at C = 1000), at least 1."""
+    """r, the basis size: C / 6 up to 64 (16 at C = 100, 64 at C = 1000), at least 1; above
+    WIDE_TAIL_CLASSES, C / 25 from 64 up to 512 (325 at C = 8,142)."""
+    if num_classes > WIDE_TAIL_CLASSES:
+        return max(64, min(512, num_classes // 25))
     return max(1, min(64, num_classes // 6))
+
+
+def coefficient_dtype(num_classes: int) -> np.dtype:
+    """The dtype of the basis coefficients: int8 up to WIDE_TAIL_CLASSES, int16 above."""
+    return np.dtype(np.int8 if num_classes <= WIDE_TAIL_CLASSES else np.int16)
+
+
+def coefficient_levels(num_classes: int) -> int:
+    """The code of COEFFICIENT_RANGE standard deviations: the dtype's largest value."""
+    return int(np.iinfo(coefficient_dtype(num_classes)).max)
 
 
 @dataclass(frozen=True)
@@ -65,7 +86,8 @@ class TailBasis:
 
 def fit_tail_basis(log_probs: np.ndarray, components: int) -> TailBasis:
     """PCA of (m, C) log-probabilities (float64): the mean, the top `components` right singular
-    vectors and each coordinate's scale (COEFFICIENT_RANGE standard deviations = code 127).
+    vectors and each coordinate's scale (COEFFICIENT_RANGE standard deviations = the code
+    `coefficient_levels(C)`: 127 up to C = 1000).
     Deterministic for the same input on the same machine (LAPACK SVD)."""
     log_probs = np.asarray(log_probs, dtype=np.float64)
     mean = log_probs.mean(axis=0)
@@ -74,7 +96,8 @@ def fit_tail_basis(log_probs: np.ndarray, components: int) -> TailBasis:
     if basis.shape[1] < components:  # fewer samples than components: pad with zero columns
         basis = np.pad(basis, ((0, 0), (0, components - basis.shape[1])))
     spread = ((log_probs - mean) @ basis).std(axis=0)  # (r,)
-    scales = np.where(spread > 0, COEFFICIENT_RANGE * spread / 127, 1.0)
+    levels = coefficient_levels(log_probs.shape[1])
+    scales = np.where(spread > 0, COEFFICIENT_RANGE * spread / levels, 1.0)
     return TailBasis.from_arrays(mean, basis, scales)
 
 
@@ -85,11 +108,15 @@ def tail_approximation(coefficients: torch.Tensor, basis: TailBasis) -> torch.Te
 
 
 def encode_tail(log_probs: np.ndarray, basis: TailBasis) -> dict[str, np.ndarray]:
-    """(n, C) float64 log-probabilities -> tail_coefficients (n, r) int8 and tail_residuals
-    (n, C) uint16 (zigzag), decoded by `tail_log_probs` within TAIL_STEP / 2."""
+    """(n, C) float64 log-probabilities -> tail_coefficients (n, r) `coefficient_dtype(C)`
+    and tail_residuals (n, C) uint16 (zigzag), decoded by `tail_log_probs` within
+    TAIL_STEP / 2."""
     mean, vectors = basis.mean.double().numpy(), basis.basis.double().numpy()
     coordinates = (log_probs - mean) @ vectors / basis.scales.double().numpy()  # (n, r)
-    coefficients = np.clip(np.rint(coordinates), -127, 127).astype(np.int8)
+    num_classes = log_probs.shape[1]
+    levels = coefficient_levels(num_classes)
+    coefficients = np.clip(np.rint(coordinates), -levels, levels).astype(
+        coefficient_dtype(num_classes))
     approximation = tail_approximation(torch.from_numpy(coefficients), basis).double().numpy()
     steps = np.rint((log_probs - approximation) / TAIL_STEP)
     steps = np.clip(steps, -32768, 32767).astype(np.int64)  # |residual| < 1966 logits

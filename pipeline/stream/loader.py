@@ -21,8 +21,10 @@ A batch is a dict of tensors: `images` (B, 3, S, S) uint8 (on the device decode 
 pipeline.stream.device_decode.batch_pixels), `labels` (B,) int64, `rows` (B,) int64, and for a
 student the store's fields of its teacher logits (pipeline.store.LOGIT_FIELDS):
 `topk_log_probs` (B, k) float16, `topk_classes` (B, k) int64, `logsumexp` (B,) float32 and, with
-a quantised tail, `tail_coefficients` (B, r) int8 and `tail_residuals` (B, C) int16; the trainer
-decodes them into (B, C) logits on its device (pipeline.train.runs.CachedTeacher).
+a quantised tail, `tail_coefficients` (B, r) int8 (int16 above C = 1000) and `tail_residuals`
+(B, C) int16; the trainer decodes them into (B, C) logits on its device
+(pipeline.train.runs.CachedTeacher). A run keeps one `TrainStream`: its workers live across
+epochs, each epoch's chain built inside them from a shared epoch number.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import io
 import json
 import tarfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import fsspec
 import numpy as np
+import simplejpeg
 import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
@@ -157,31 +160,87 @@ def ViewSource(seed: int, epoch: int, views_per_decode: int = 1, crop: CropSpec 
     return FreshViews(seed, epoch, order_seed, views_per_decode, crop)
 
 
+class TrainStream:
+    """The training batches of one run, one `epoch(e)` at a time, from DataLoader workers
+    started once and kept alive across epochs (`persistent_workers`): an epoch's chain (see
+    the module docstring) is built inside each worker from the epoch number, which the main
+    process writes into a shared-memory tensor before it starts the epoch. `views` gives
+    everything but the epoch (its `epoch` is ignored); the other arguments as `train_loader`.
+    """
+
+    def __init__(self, shards: list[Shard], views: Views, *, batch_size: int,
+                 image_size: int, workers: int, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False, drop_last: bool = False, decode: str = DECODE):
+        if decode not in (DECODE, DEVICE_DECODE):
+            raise ValueError(f"unknown decode path {decode!r}")
+        self.epoch_number = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.dataset = _EpochChain(shards, views, self.epoch_number, rank, world_size,
+                                   min(batch_size, WORKER_CHUNK), image_size, decode)
+        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=workers,
+                                 pin_memory=pin_memory, persistent_workers=workers > 0)
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.steps = epoch_steps(sum(s.stop - s.start for s in shards), views.views_per_decode,
+                                 batch_size, world_size, drop_last=drop_last)
+
+    def epoch(self, epoch: int) -> EpochBatches:
+        """Epoch `epoch`'s batches (iterate them before asking for the next epoch)."""
+        return EpochBatches(_AtEpoch(self, epoch), self.batch_size, self.steps,
+                            self.drop_last)
+
+
+class _AtEpoch:
+    """Iterating it sets the stream's epoch number, then (re)starts the workers' pass."""
+
+    def __init__(self, stream: TrainStream, epoch: int):
+        self.stream, self.epoch = stream, epoch
+
+    def __iter__(self):
+        self.stream.epoch_number.fill_(self.epoch)  # read by every worker as its pass starts
+        return iter(self.stream.loader)
+
+
+class _EpochChain(torch.utils.data.IterableDataset):
+    """One worker's share of the epoch whose number `epoch_number` holds: the webdataset
+    chain of the module docstring, built afresh at each pass (cheap: no data is read here)."""
+
+    def __init__(self, shards, views, epoch_number, rank, world_size, chunk, image_size,
+                 decode):
+        self.shards, self.views, self.epoch_number = shards, views, epoch_number
+        self.rank, self.world_size, self.chunk = rank, world_size, chunk
+        self.image_size, self.decode = image_size, decode
+
+    def __iter__(self):
+        views = replace(self.views, epoch=int(self.epoch_number))
+        order = np.random.default_rng([views.order_seed, views.epoch]).permutation(
+            len(self.shards))
+        segments = rank_segments([self.shards[i] for i in order], self.rank, self.world_size)
+        attach_views = _attach_drawn_views if views.store is None else _attach_cached_views
+        shuffle_seed = np.random.SeedSequence([views.order_seed, views.epoch, self.rank])
+        return iter(wds.DataPipeline(
+            _segment_list(segments),
+            wds.split_by_worker,
+            _read_samples,
+            attach_views(views),
+            wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 4,
+                        seed=int(shuffle_seed.generate_state(1)[0])),
+            _training_samples(self.image_size, self.decode),
+            wds.batched(self.chunk, collation_fn=_collate, partial=True),
+        ))
+
+
 def train_loader(shards: list[Shard], views: Views, *, batch_size: int,
                  image_size: int, workers: int, rank: int = 0, world_size: int = 1,
                  pin_memory: bool = False, drop_last: bool = False,
                  decode: str = DECODE) -> EpochBatches:
-    """One epoch of training batches for this rank (see the module docstring). `decode`: the
-    decode path, DECODE (the workers decode and cut the views: `images`) or DEVICE_DECODE (they
-    ship `payloads`, `boxes` and `flips` for pipeline.stream.device_decode.batch_pixels)."""
-    if decode not in (DECODE, DEVICE_DECODE):
-        raise ValueError(f"unknown decode path {decode!r}")
-    order = np.random.default_rng([views.order_seed, views.epoch]).permutation(len(shards))
-    segments = rank_segments([shards[i] for i in order], rank, world_size)
-    attach_views = _attach_drawn_views if views.store is None else _attach_cached_views
-    pipeline = wds.DataPipeline(
-        _segment_list(segments),
-        wds.split_by_worker,
-        _read_samples,
-        attach_views(views),
-        wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 4, seed=int(
-            np.random.SeedSequence([views.order_seed, views.epoch, rank]).generate_state(1)[0])),
-        _training_samples(image_size, decode),
-        wds.batched(min(batch_size, WORKER_CHUNK), collation_fn=_collate, partial=True),
-    )
-    steps = epoch_steps(sum(s.stop - s.start for s in shards), views.views_per_decode,
-                        batch_size, world_size, drop_last=drop_last)
-    return EpochBatches(_loader(pipeline, workers, pin_memory), batch_size, steps, drop_last)
+    """One epoch (`views.epoch`) of training batches for this rank (see the module
+    docstring): `TrainStream(...).epoch(views.epoch)`; a run of several epochs keeps one
+    TrainStream, so its workers start once. `decode`: the decode path, DECODE (the workers
+    decode and cut the views: `images`) or DEVICE_DECODE (they ship `payloads`, `boxes` and
+    `flips` for pipeline.stream.device_decode.batch_pixels)."""
+    return TrainStream(shards, views, batch_size=batch_size, image_size=image_size,
+                       workers=workers, rank=rank, world_size=world_size,
+                       pin_memory=pin_memory, drop_last=drop_last,
+                       decode=decode).epoch(views.epoch)
 
 
 def epoch_steps(rows: int, views_per_decode: int, batch_size: int, world_size: int, *,
@@ -221,7 +280,7 @@ class EpochBatches:
     the count is known in advance (`len`) and equal on every rank; the short last batch is
     dropped with `drop_last`."""
 
-    def __init__(self, loader: DataLoader, batch_size: int, steps: int, drop_last: bool = False):
+    def __init__(self, loader, batch_size: int, steps: int, drop_last: bool = False):
         self.loader, self.batch_size, self.steps = loader, batch_size, steps
         self.drop_last = drop_last
 
@@ -237,7 +296,10 @@ class EpochBatches:
                 merged = _concat(pending)
                 yield {key: value[:self.batch_size] for key, value in merged.items()}
                 count -= self.batch_size
-                pending = [{key: value[self.batch_size:] for key, value in merged.items()}]
+                # nothing left over (chunk = batch, the usual case): the next chunk is the
+                # next batch as the worker wrote it, not a copy through torch.cat
+                pending = [{key: value[self.batch_size:] for key, value in merged.items()}
+                           ] if count else []
         if count and not self.drop_last:
             yield _concat(pending)
 
@@ -251,13 +313,39 @@ def _concat(chunks: list[dict]) -> dict:
 
 
 def _collate(samples: list[dict]) -> dict:
-    """default_collate, except the device path's `payloads` (bytes and images of any size),
-    kept as a list."""
-    payloads = [sample.pop("payloads") for sample in samples] if "payloads" in samples[0] else None
-    batch = default_collate(samples)
-    if payloads is not None:
-        batch["payloads"] = payloads
+    """A chunk of training samples as one dict of tensors, each written once: the images
+    stacked straight into one buffer (in a worker, shared memory, which the DataLoader then
+    hands over without a copy; the main process pins it when training on CUDA), the store's
+    fields gathered from the shard's arrays with one index per field, not built as tensors
+    per sample. The device path's `payloads` (bytes and images of any size) stay a list."""
+    first = samples[0]
+    batch = {"labels": torch.tensor([sample["labels"] for sample in samples]),
+             "rows": torch.tensor([sample["rows"] for sample in samples])}
+    if "images" in first:
+        batch["images"] = _stack([sample["images"] for sample in samples])
+    else:
+        batch["payloads"] = [sample["payloads"] for sample in samples]
+        batch["boxes"] = torch.from_numpy(np.stack([sample["boxes"] for sample in samples]))
+        batch["flips"] = torch.tensor([sample["flips"] for sample in samples])
+    if "logits" in first:  # (shard's rows as read, index) per sample
+        for name in LOGIT_FIELDS:
+            if name in first["logits"][0]:
+                values = np.stack([part[name][i] for part, i in
+                                   (sample["logits"] for sample in samples)])
+                batch[name] = torch.from_numpy(
+                    values.astype(np.int64) if name == "topk_classes" else values)
     return batch
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, into shared memory when in a DataLoader worker (default_collate's way)."""
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        first = tensors[0]
+        storage = first._typed_storage()._new_shared(len(tensors) * first.numel(),
+                                                      device=first.device)
+        out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
 
 
 def eval_loader(shards: list[Shard], *, batch_size: int, image_size: int, workers: int,
@@ -326,10 +414,9 @@ def _corrupt(url: str, what: str) -> str:
 
 
 def decode(sample: dict) -> torch.Tensor:
-    """The sample's image as (3, H, W) uint8 RGB (PIL: torchvision's decoders are deprecated
-    from 0.29)."""
-    with _open_image(sample) as image:
-        return _rgb_tensor(image)
+    """The sample's image as (3, H, W) uint8 RGB, decoded as the training views are
+    (`SourceImage`: simplejpeg for JPEGs, else Pillow)."""
+    return SourceImage(sample).full()
 
 
 def _rgb_tensor(image: Image.Image) -> torch.Tensor:
@@ -342,15 +429,29 @@ class SourceImage:
     """One sample's encoded image, decoded lazily, once per JPEG draft scale its views need:
     the one decode path of the teacher's dump and the student's replay, so the same view of
     the same row is the same pixels in both (pipeline.stream.augment.DECODE; tests/test_decode.py).
-    `height`, `width`: the source image's size (from its header, read once: the first decode
-    reuses the opened file)."""
+    `height`, `width`: the source image's size, from its header.
 
-    def __init__(self, sample: dict):
+    JPEGs in YCbCr or grayscale are decoded by simplejpeg (libjpeg-turbo in its wheel) straight
+    into a numpy array, at the DCT scale a view's draft needs: the same libjpeg-turbo decode
+    Pillow runs (islow IDCT, fancy upsampling), so the same pixels, bit for bit
+    (tests/test_decode.py compares both at every draft scale), for about 0.6x Pillow's CPU on
+    photo-sized JPEGs (benchmarks/decode_steps.py): Pillow feeds libjpeg in chunks and copies
+    the image once more into numpy. Other images (PNG, CMYK JPEGs) and JPEGs simplejpeg
+    refuses (it stops at libjpeg's warnings) take Pillow's path, as before. `turbo=False`
+    forces Pillow's path (the benchmarks' "before")."""
+
+    def __init__(self, sample: dict, turbo: bool = True):
         self.sample, self.data = sample, _image_bytes(sample)  # the encoded file
-        with _image_errors(sample):
-            self._unread = Image.open(io.BytesIO(self.data))  # header only
-        self.height, self.width = self._unread.height, self._unread.width
-        self.jpeg = self._unread.format == "JPEG"
+        self._unread = None
+        header = _turbo_header(self.data) if turbo else None
+        if header is not None:
+            self.height, self.width = header
+            self.jpeg = self.turbo = True
+        else:
+            with _image_errors(sample):
+                self._unread = Image.open(io.BytesIO(self.data))  # header only
+            self.height, self.width = self._unread.height, self._unread.width
+            self.jpeg, self.turbo = self._unread.format == "JPEG", False
         self._decoded = {}  # draft scale -> (3, H, W) tensor at scale 1, RGB PIL image above
 
     def crop(self, box, flip: bool, size: int) -> torch.Tensor:
@@ -364,22 +465,42 @@ class SourceImage:
     def full(self) -> torch.Tensor:
         """The whole image, decoded at full size: (3, H, W) uint8."""
         if 1 not in self._decoded:
-            with _image_errors(self.sample), self._unopened() as image:
-                self._decoded[1] = _rgb_tensor(image)
+            pixels = self._turbo(1) if self.turbo else None
+            if pixels is None:
+                with _image_errors(self.sample), self._unopened() as image:
+                    self._decoded[1] = _rgb_tensor(image)
+            else:
+                self._decoded[1] = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W)
         return self._decoded[1]
 
     def _drafted(self, scale: int) -> Image.Image:
         if scale not in self._decoded:
-            with _image_errors(self.sample), self._unopened() as image:
-                # asks for the scale exactly: PIL picks the largest s <= width // requested
-                image.draft(image.mode, (self.width // scale, self.height // scale))
-                drafted = image.convert("RGB")
+            pixels = self._turbo(scale) if self.turbo else None
+            if pixels is not None:
+                drafted = Image.fromarray(pixels)
+            else:
+                with _image_errors(self.sample), self._unopened() as image:
+                    # asks for the scale exactly: PIL picks the largest s <= width // requested
+                    image.draft(image.mode, (self.width // scale, self.height // scale))
+                    drafted = image.convert("RGB")
             expected = (-(-self.width // scale), -(-self.height // scale))
-            if drafted.size != expected:  # a Pillow whose draft rounds otherwise
+            if drafted.size != expected:  # a decoder whose draft rounds otherwise
                 raise RuntimeError(f"JPEG draft at 1/{scale} gave {drafted.size}, expected "
-                                   f"{expected}: this Pillow is not supported")
+                                   f"{expected}: this Pillow or simplejpeg is not supported")
             self._decoded[scale] = drafted
         return self._decoded[scale]
+
+    def _turbo(self, scale: int) -> np.ndarray | None:
+        """(H / scale, W / scale, 3) uint8 RGB by simplejpeg at DCT scale 1 / `scale` (sides
+        rounded up, as Pillow's draft), or None when it refuses the data (Pillow then decodes
+        it as before, or names the shard as corrupt)."""
+        try:
+            return simplejpeg.decode_jpeg(self.data, "RGB", min_factor=scale,
+                                          min_height=-(-self.height // scale),
+                                          min_width=-(-self.width // scale))
+        except ValueError:
+            self.turbo = False
+            return None
 
     def _unopened(self) -> Image.Image:
         """The file opened but not decoded: the header's on first use, then a new one."""
@@ -387,12 +508,19 @@ class SourceImage:
         return image if image is not None else Image.open(io.BytesIO(self.data))
 
 
-@contextmanager
-def _open_image(sample: dict):
-    """The sample's image opened by PIL; bytes that do not decode name the shard as corrupt."""
-    data = _image_bytes(sample)  # a CorruptShardError of its own when missing
-    with _image_errors(sample), Image.open(io.BytesIO(data)) as image:
-        yield image
+# libjpeg colour spaces whose RGB output is Pillow's convert("RGB") of its own decode.
+_TURBO_COLORSPACES = ("YCbCr", "Gray")
+
+
+def _turbo_header(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that simplejpeg decodes as Pillow would, else None."""
+    if data[:2] != b"\xff\xd8":  # not a JPEG (PNG): simplejpeg would only raise
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (height, width) if colorspace in _TURBO_COLORSPACES else None
 
 
 @contextmanager
@@ -475,19 +603,15 @@ def _attach_drawn_views(views: CachedViews | FreshViews):
 
 
 def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:
+    """A sample's stored view: its box and flip, and where its logits are (`_collate` gathers
+    a chunk's at once)."""
     row = meta["row"]
     if not shard.start <= row < shard.stop or store.labels[row] != meta["label"]:
         raise UserError(f"{shard.url}: row {row} (label {meta['label']}) does not match the "
                         f"logit store {store.path}; it was dumped from other shards: rerun "
                         "dump_logits")
     i = row - shard.start
-    view = {"box": part["boxes"][i], "flip": part["flips"][i]}
-    for name in LOGIT_FIELDS:  # as stored; decoded per batch where the loss runs
-        if name in part:
-            value = part[name][i]
-            view[name] = torch.from_numpy(np.asarray(
-                value, dtype=np.int64 if name == "topk_classes" else value.dtype))
-    return view
+    return {"box": part["boxes"][i], "flip": part["flips"][i], "logits": (part, i)}
 
 
 def _training_samples(image_size: int, decode: str = DECODE):
@@ -505,9 +629,10 @@ def _training_samples(image_size: int, decode: str = DECODE):
                     out = {"images": image.crop(view["box"], bool(view["flip"]), image_size)}
                 else:
                     out = {"payloads": payload, "flips": bool(view["flip"]),
-                           "boxes": torch.as_tensor(view["box"], dtype=torch.float32)}
-                out.update({k: v for k, v in view.items() if k not in ("box", "flip")},
-                           labels=meta["label"], rows=meta["row"])
+                           "boxes": view["box"]}
+                out["labels"], out["rows"] = meta["label"], meta["row"]
+                if "logits" in view:
+                    out["logits"] = view["logits"]
                 yield out
 
     return stage

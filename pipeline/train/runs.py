@@ -22,8 +22,8 @@ from pipeline.data.manifest import file_sha256, load_manifest
 from pipeline.store import (LOGIT_FIELDS, LogitStore, TailBasis, open_store,
                             teacher_logits_from_fields)
 from pipeline.distributed import distributed
-from pipeline.stream.loader import (CachedViews, FreshViews, StoredViews, Views, epoch_steps,
-                                   eval_loader, split_shards, train_loader)
+from pipeline.stream.loader import (CachedViews, FreshViews, StoredViews, TrainStream, Views,
+                                   epoch_steps, eval_loader, split_shards)
 from pipeline.train.loop import TrainRun, fit
 
 __all__ = ["train_teacher", "train_student", "crop_spec", "load_model", "model_identity",
@@ -215,11 +215,12 @@ def run_batches(params: Params, settings: TrainParams, manifest: dict, shards_di
     batch_size = rank_batch_size(settings.batch_size, ranks.world_size, key)
     train_shards = split_shards(shards_dir, manifest, "train")
 
-    def train_batches(epoch: int):
-        return train_loader(train_shards, views(epoch), batch_size=batch_size,
-                            image_size=settings.image_size, workers=settings.workers,
-                            rank=ranks.rank, world_size=ranks.world_size, pin_memory=pin,
-                            drop_last=settings.drop_last, decode=decode)
+    # One stream per run: its workers start once and serve every epoch.
+    stream = TrainStream(train_shards, views(0), batch_size=batch_size,
+                         image_size=settings.image_size, workers=settings.workers,
+                         rank=ranks.rank, world_size=ranks.world_size, pin_memory=pin,
+                         drop_last=settings.drop_last, decode=decode)
+    train_batches = stream.epoch
 
     def eval_batches(split: str):
         shards = split_shards(shards_dir, manifest, split)
