@@ -28,7 +28,7 @@ TINY_PARAMS = {
     "data": {"source": "digits_lt", "image_size": 16, "val_per_class": 2, "test_per_class": 150,
              "shard_size": 32, "workers": 0, **{key: "data/embedded.md" for key in (
                  "root", "train_list", "val_list", "test_list")}},
-    "teachers": {"teacher": TRAIN, "baseline": TRAIN},
+    "teachers": {"teacher": dict(TRAIN), "baseline": dict(TRAIN)},  # no YAML aliases
     "augment": {"crop_scale": [0.35, 1.0], "flip_probability": 0.0},
     # k < C with the quantised tail, as params.yaml: the IKL student needs every class's logit
     "logits": {"views": 2, "topk": 5, "tail": "quantized", "image_size": 16, "batch_size": 64,
