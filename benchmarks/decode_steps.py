@@ -7,7 +7,7 @@
    `tar_file_expander` vs pipeline.stream.tars.tar_members (us per member, whole shards from memory);
 2. the whole JPEG to RGB pixels by each libjpeg-turbo binding PyPI offers (Pillow, simplejpeg,
    and imagecodecs / PyTurboJPEG where installed), after checking each gives Pillow's pixels;
-3. one view's pixels from the encoded bytes: pipeline.stream.loader.SourceImage.crop (draft mode
+3. one view's pixels from the encoded bytes: pipeline.stream.decode.SourceImage.crop (draft mode
    where the crop allows it) with Pillow's decode (before issue 24) vs simplejpeg's, view 0 of
    every train row, at each --sizes crop side; prints the share of drafted views.
 Data: the train shards of benchmarks/loader.py's photo-like set (run it once first; its cache
@@ -82,7 +82,7 @@ def decoder_alternatives(samples: list[dict]) -> dict:
 
 
 def crop_alternatives(samples: list[dict], boxes, flips, size: int) -> dict:
-    from pipeline.stream.loader import SourceImage
+    from pipeline.stream.decode import SourceImage
 
     def view(turbo: bool):
         def run():
@@ -128,7 +128,8 @@ def main() -> None:
     torch.set_num_threads(1)
     from pipeline.stream.augment import draft_scale, draw_views
     from pipeline.data.manifest import load_manifest
-    from pipeline.stream.loader import SourceImage, read_shard, split_shards
+    from pipeline.stream.decode import SourceImage
+    from pipeline.stream.loader import read_shard, split_shards
 
     shards_dir = Path(args.work) / f"shards-max{args.max_side}"
     if not (shards_dir / "manifest.json").is_file():

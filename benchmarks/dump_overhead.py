@@ -129,7 +129,8 @@ def inference_child(folder: Path) -> dict:
     from pipeline.stream.augment import crop_spec
     from pipeline.train.checkpoints import load_model
     from pipeline.data.manifest import load_manifest
-    from pipeline.stream.loader import decode, split_shards
+    from pipeline.stream.decode import decode
+    from pipeline.stream.loader import split_shards
 
     params, shards_dir = load(folder)
     settings = params.logits

@@ -147,7 +147,8 @@ def loader_child(folder: Path, config: str, epochs: int) -> dict:
     from pipeline.train.runs import crop_spec
     from pipeline.data.manifest import load_manifest
     from pipeline.store import open_store
-    from pipeline.stream.loader import ViewSource, split_shards, train_loader
+    from pipeline.stream.views import ViewSource
+    from pipeline.stream.loader import split_shards, train_loader
 
     params, shards_dir = child_params(folder, config)
     settings = params.student

@@ -20,7 +20,8 @@ def first_train_images(shards_dir: str, store, count: int) -> tuple[list, np.nda
     """The first `count` train rows' SourceImages with their stored view 0: boxes (n, 4),
     flips (n,)."""
     from pipeline.data.manifest import load_manifest
-    from pipeline.stream.loader import SourceImage, read_shard, split_shards
+    from pipeline.stream.decode import SourceImage
+    from pipeline.stream.loader import read_shard, split_shards
 
     images, boxes, flips = [], [], []
     for shard in split_shards(shards_dir, load_manifest(shards_dir), "train"):

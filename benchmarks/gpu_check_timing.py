@@ -252,7 +252,8 @@ def loader_child(decode: str, settings: dict, work: Path) -> dict:
     from pipeline.stream.device_decode import DEVICE_DECODE, batch_pixels
     from pipeline.data.manifest import load_manifest
     from pipeline.store import open_store
-    from pipeline.stream.loader import StoredViews, split_shards, train_loader
+    from pipeline.stream.views import StoredViews
+    from pipeline.stream.loader import split_shards, train_loader
 
     folder, device, sync = data_folder(work, settings), default_device(), device_sync()
     params = make_params(raw_params(settings, folder, "ikl"))

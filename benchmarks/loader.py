@@ -164,7 +164,8 @@ def make_loader(folder: Path, kind: str, epoch: int, workers: int | None = None)
     from pipeline.train.runs import crop_spec
     from pipeline.data.manifest import load_manifest
     from pipeline.store import open_store
-    from pipeline.stream.loader import TrainStream, ViewSource, split_shards
+    from pipeline.stream.loader import TrainStream, split_shards
+    from pipeline.stream.views import ViewSource
 
     saved = json.loads((folder / "params.json").read_text())
     if workers is not None:
@@ -223,7 +224,8 @@ def decode_bound_child(folder: Path, epochs: int, turbo: bool = True) -> dict:
     from pipeline.stream.augment import draw_views
     from pipeline.train.runs import crop_spec
     from pipeline.data.manifest import load_manifest
-    from pipeline.stream.loader import SourceImage, _training_samples, read_shard, split_shards
+    from pipeline.stream.decode import SourceImage
+    from pipeline.stream.loader import _training_samples, read_shard, split_shards
 
     saved = json.loads((folder / "params.json").read_text())
     params = make_params(saved["raw"])

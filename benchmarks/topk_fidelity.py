@@ -48,7 +48,7 @@ from pipeline.data.shards import file_sha256  # noqa: E402
 from pipeline.store import open_store  # noqa: E402
 from pipeline.store.encoding import decode_logits, encode_logits  # noqa: E402
 from pipeline.store.tail import TAIL_FIT_ROWS, fit_tail_basis, tail_components  # noqa: E402
-from pipeline.stream.loader import decode  # noqa: E402
+from pipeline.stream.decode import decode
 
 ROOT = Path(__file__).resolve().parents[1]
 IKL_OPTIONS = {"alpha": 1.0, "beta": 1.0, "temperature": 1.0, "weight_temperature": 100.0}

@@ -17,7 +17,9 @@ from pipeline.store.dump import dump_logits
 from pipeline.train.models import build_model
 from pipeline.data.shards import prepare_shards
 from pipeline.store import open_store
-from pipeline.stream.loader import SourceImage, ViewSource, read_shard, split_shards, train_loader
+from pipeline.stream.decode import SourceImage
+from pipeline.stream.views import ViewSource
+from pipeline.stream.loader import read_shard, split_shards, train_loader
 
 SIZE = 16  # the teacher's and the student's crop side
 

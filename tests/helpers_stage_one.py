@@ -81,7 +81,8 @@ def write_params_file(path: Path, raw: dict) -> Path:
 
 def train_samples(shards_dir: Path, manifest: dict) -> list[dict]:
     """Every train sample in row order: {row, label, height, width, image (3, H, W) uint8}."""
-    from pipeline.stream.loader import decode, split_shards
+    from pipeline.stream.decode import decode
+    from pipeline.stream.loader import split_shards
 
     samples = []
     for shard in split_shards(str(shards_dir), manifest, "train"):

@@ -1,4 +1,4 @@
-"""The one decode path (pipeline.stream.loader.SourceImage, JPEG draft mode): the teacher's dump and
+"""The one decode path (pipeline.stream.decode.SourceImage, JPEG draft mode): the teacher's dump and
 the student's replay see the same pixels for every view, bit for bit; a drafted view is the
 same view (its box mapped exactly), only decoded at a DCT scale."""
 
@@ -16,7 +16,8 @@ from pipeline.stream.augment import (DECODE, apply_view, apply_view_drafted, dra
 from pipeline.stream.device_decode import check_replay_decode
 from pipeline.errors import UserError
 from pipeline.store import open_store
-from pipeline.stream.loader import CorruptShardError, SourceImage
+from pipeline.stream.tars import CorruptShardError
+from pipeline.stream.decode import SourceImage
 
 VIEWS = 4
 

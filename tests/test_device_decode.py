@@ -20,7 +20,7 @@ from pipeline.stream.device_decode import (DEVICE_DECODE, batch_pixels, decode_o
 from pipeline.train.runs import train_student
 from pipeline.store.dump import dump_logits
 from pipeline.errors import UserError
-from pipeline.stream.loader import SourceImage
+from pipeline.stream.decode import SourceImage
 
 VIEWS = 3
 CPU = torch.device("cpu")

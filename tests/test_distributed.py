@@ -16,7 +16,8 @@ from helpers_stage_one import (TRAIN_ROWS, stage_one_data, teacher_checkpoint,  
 from pipeline.store.dump import dump_logits
 from pipeline.params import to_dict
 from pipeline.store import open_store
-from pipeline.stream.loader import ViewSource, rank_segments, split_shards, train_loader
+from pipeline.stream.views import ViewSource
+from pipeline.stream.loader import rank_segments, split_shards, train_loader
 from pipeline.train.loop import load_checkpoint
 from test_student import stage_one, tiny_params  # noqa: F401 (fixture)
 

@@ -13,7 +13,8 @@ from pipeline.train.runs import train_student
 from pipeline.store.dump import dump_logits
 from pipeline.data.manifest import load_manifest
 from pipeline.store import open_store
-from pipeline.stream.loader import ViewSource, split_shards, train_loader
+from pipeline.stream.views import ViewSource
+from pipeline.stream.loader import split_shards, train_loader
 
 
 @pytest.fixture

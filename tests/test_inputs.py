@@ -22,7 +22,9 @@ from pipeline.params import DataParams
 from pipeline.data.shards import prepare_shards
 from pipeline.data.manifest import load_manifest, verify_shards
 from pipeline.data.sources import Item, SourceError, _read_list, encode_item
-from pipeline.stream.loader import CorruptShardError, decode, eval_loader, read_shard, split_shards
+from pipeline.stream.tars import CorruptShardError
+from pipeline.stream.decode import decode
+from pipeline.stream.loader import eval_loader, read_shard, split_shards
 
 
 def prepare(tmp_path, name="shards", **options):

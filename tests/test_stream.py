@@ -24,8 +24,9 @@ from pipeline.store import (LOGIT_FIELDS, StoreMismatchError, create_store, fina
                             write_shard, write_tail_basis)
 from pipeline.store.encoding import decode_fields, encode_logits
 from pipeline.store.tail import TAIL_STEP, tail_components
-from pipeline.stream.loader import (FRESH_VIEW_OFFSET, TrainStream, ViewSource, decode, split_shards,
-                             train_loader)
+from pipeline.stream.views import FRESH_VIEW_OFFSET, ViewSource
+from pipeline.stream.loader import TrainStream, split_shards, train_loader
+from pipeline.stream.decode import decode
 
 SEED = 0
 IMAGE_SIZE = 16

@@ -25,7 +25,8 @@ from pipeline.params import Params, ParamsError, check_consistency, parse, to_di
 from pipeline.data.manifest import file_sha256
 from pipeline.store import StoreMismatchError, open_store
 from pipeline.store.tail import TAIL_STEP
-from pipeline.stream.loader import CachedViews, StoredViews, split_shards, train_loader
+from pipeline.stream.views import CachedViews, StoredViews
+from pipeline.stream.loader import split_shards, train_loader
 from pipeline.train.loop import CHECKPOINT, load_checkpoint
 from test_stream import IMAGE_SIZE, SEED, prepare_tiny_shards, write_row_coded_store
 

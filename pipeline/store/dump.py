@@ -36,7 +36,8 @@ from pipeline.store import (TAIL_FIT_ROWS, TailBasis, check_image_sides, complet
                             write_prior_partials, write_shard, write_tail_basis)
 from pipeline.store.swap import leftovers, remove_store, swap_in
 from pipeline.store.tail import tail_components
-from pipeline.stream.loader import Shard, SourceImage, read_shard, split_shards
+from pipeline.stream.loader import Shard, read_shard, split_shards
+from pipeline.stream.decode import SourceImage
 
 
 def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: str,

@@ -4,7 +4,7 @@ the encoded bytes and the cached logits; the trainer decodes a batch's JPEGs whe
 Two decode paths exist, and a store records the one its dump used (attribute `decode`):
 - the CPU path (`pipeline.stream.augment.DECODE`, "pil-draft-v1"): each worker decodes with Pillow,
   a JPEG at a DCT draft scale when the crop is large enough, and cuts the view
-  (`pipeline.stream.loader.SourceImage`);
+  (`pipeline.stream.decode.SourceImage`);
 - the device path (`DEVICE_DECODE`): the workers ship a JPEG's bytes as they are (any other
   image they decode, losslessly, to its pixels), and the trainer decodes a batch's JPEGs in
   one `torchvision.io.decode_jpeg` call on its device (nvJPEG on CUDA, libjpeg-turbo on the
@@ -115,7 +115,7 @@ def warn_if_decoded_elsewhere(store_path: str, recorded_device: str | None, path
 
 
 def worker_payload(image) -> Payload:
-    """What a DataLoader worker ships for one `pipeline.stream.loader.SourceImage` on the device path:
+    """What a DataLoader worker ships for one `pipeline.stream.decode.SourceImage` on the device path:
     a JPEG's encoded bytes as stored, any other image decoded to (3, H, W) uint8."""
     return image.data if image.jpeg else image.full()
 

@@ -29,37 +29,28 @@ epochs, each epoch's chain built inside them from a shared epoch number.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import ClassVar
 
 import fsspec
 import numpy as np
-import simplejpeg
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, default_collate
 from webdataset.tariterators import group_by_keys
 
-from pipeline.stream.augment import (DECODE, CropSpec, apply_view, apply_view_drafted, draft_scale,
-                              draw_views, eval_view)
-from pipeline.stream.device_decode import DEVICE_DECODE, worker_payload
-from pipeline.errors import UserError
 from pipeline.data.manifest import shard_url
+from pipeline.errors import UserError
 from pipeline.store import LOGIT_FIELDS
-from pipeline.store.layout import MAX_VIEWS
-from pipeline.stream.tars import tar_members
+from pipeline.stream.augment import DECODE, draw_views, eval_view
+from pipeline.stream.decode import SourceImage, decode
+from pipeline.stream.device_decode import DEVICE_DECODE, worker_payload
+from pipeline.stream.tars import CorruptShardError, corrupt_shard, tar_members
+from pipeline.stream.views import CachedViews, FreshViews, StoredViews, Views
 
 SHUFFLE_BUFFER = 2000  # samples (still encoded): a few shards' worth mixes classes well
 WORKER_CHUNK = 64  # samples a worker sends at once: few transfers, exact batches after
-
-
-class CorruptShardError(UserError):
-    """A tar shard that cannot be read as prepare wrote it; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -84,80 +75,6 @@ def split_shards(shards_dir: str, manifest: dict, split: str) -> list[Shard]:
         raise UserError(f"{shards_dir}: the dataset has no {split!r} split")
     return [Shard(shard_url(shards_dir, s["file"]), *s["rows"])
             for s in manifest["splits"][split]["shards"]]
-
-
-# A teacher's crops (FreshViews) start here, past the at most MAX_VIEWS views a store caches,
-# so that a teacher never trains on the very crops it later labels.
-FRESH_VIEW_OFFSET = MAX_VIEWS
-
-
-@dataclass(frozen=True)
-class StoredViews:
-    """A student's crops replayed from its teacher's logit store, with their boxes, flips and
-    teacher logits: epoch e takes views e*m .. e*m+m-1 (m = views_per_decode crops per decoded
-    image) modulo the store's V. The views' seed is the store's; `order_seed` orders the rows."""
-
-    store: object  # a pipeline.store.LogitStore
-    epoch: int
-    order_seed: int
-    views_per_decode: int = 1
-
-    def view_ids(self) -> list[int]:
-        return [v % self.store.views for v in _epoch_views(self.epoch, self.views_per_decode)]
-
-
-@dataclass(frozen=True)
-class CachedViews:
-    """The crops a store of V = `views` would hold, drawn from (seed, view, row) as the dump
-    draws them: a student with a live teacher, or on plain CE, sees what a cached one would.
-    Epoch e takes views e*m .. e*m+m-1 modulo V; `order_seed` orders the rows."""
-
-    seed: int
-    epoch: int
-    order_seed: int
-    views: int
-    views_per_decode: int = 1
-    crop: CropSpec = CropSpec()
-    store: ClassVar[None] = None  # drawn, not read (the loader tells the sources apart by it)
-
-    def view_ids(self) -> list[int]:
-        return [v % self.views for v in _epoch_views(self.epoch, self.views_per_decode)]
-
-
-@dataclass(frozen=True)
-class FreshViews:
-    """A teacher's crops: views drawn from (seed, view, row) from FRESH_VIEW_OFFSET on, one new
-    view per epoch, none of them in any store; `order_seed` orders the rows."""
-
-    seed: int
-    epoch: int
-    order_seed: int
-    views_per_decode: int = 1
-    crop: CropSpec = CropSpec()
-    store: ClassVar[None] = None
-
-    def view_ids(self) -> list[int]:
-        return [FRESH_VIEW_OFFSET + v for v in _epoch_views(self.epoch, self.views_per_decode)]
-
-
-Views = StoredViews | CachedViews | FreshViews
-
-
-def _epoch_views(epoch: int, views_per_decode: int) -> range:
-    return range(epoch * views_per_decode, (epoch + 1) * views_per_decode)
-
-
-def ViewSource(seed: int, epoch: int, views_per_decode: int = 1, crop: CropSpec = CropSpec(),
-               store=None, cached_views: int = 0, shuffle_seed: int | None = None) -> Views:
-    """The named source these arguments (the former single class's) describe: StoredViews with
-    a store, CachedViews with `cached_views` = V, else FreshViews; `shuffle_seed` orders the
-    rows (None: `seed`)."""
-    order_seed = seed if shuffle_seed is None else shuffle_seed
-    if store is not None:
-        return StoredViews(store, epoch, order_seed, views_per_decode)
-    if cached_views:
-        return CachedViews(seed, epoch, order_seed, cached_views, views_per_decode, crop)
-    return FreshViews(seed, epoch, order_seed, views_per_decode, crop)
 
 
 class TrainStream:
@@ -405,144 +322,8 @@ def _read_samples(sources):
                                     "prepare)") from None
         except (tarfile.TarError, ValueError, KeyError, TypeError, EOFError) as error:
             detail = error.args[0] if error.args else ""  # webdataset appends stream, url
-            raise CorruptShardError(_corrupt(url, f"cannot be read: {type(error).__name__}: "
+            raise CorruptShardError(corrupt_shard(url, f"cannot be read: {type(error).__name__}: "
                                                   f"{detail}")) from None
-
-
-def _corrupt(url: str, what: str) -> str:
-    return f"{url}: corrupt shard ({what[:200]}); rerun prepare (dvc repro prepare) to rewrite it"
-
-
-def decode(sample: dict) -> torch.Tensor:
-    """The sample's image as (3, H, W) uint8 RGB, decoded as the training views are
-    (`SourceImage`: simplejpeg for JPEGs, else Pillow)."""
-    return SourceImage(sample).full()
-
-
-def _rgb_tensor(image: Image.Image) -> torch.Tensor:
-    """Decode `image` (opened, not loaded) to (3, H, W) uint8 RGB."""
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    return torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # np.array: (H, W, 3), writable
-
-
-class SourceImage:
-    """One sample's encoded image, decoded lazily, once per JPEG draft scale its views need:
-    the one decode path of the teacher's dump and the student's replay, so the same view of
-    the same row is the same pixels in both (pipeline.stream.augment.DECODE; tests/test_decode.py).
-    `height`, `width`: the source image's size, from its header.
-
-    JPEGs in YCbCr or grayscale are decoded by simplejpeg (libjpeg-turbo in its wheel) straight
-    into a numpy array, at the DCT scale a view's draft needs: the same libjpeg-turbo decode
-    Pillow runs (islow IDCT, fancy upsampling), so the same pixels, bit for bit
-    (tests/test_decode.py compares both at every draft scale), for about 0.6x Pillow's CPU on
-    photo-sized JPEGs (benchmarks/decode_steps.py): Pillow feeds libjpeg in chunks and copies
-    the image once more into numpy. Other images (PNG, CMYK JPEGs) and JPEGs simplejpeg
-    refuses (it stops at libjpeg's warnings) take Pillow's path, as before. `turbo=False`
-    forces Pillow's path (the benchmarks' "before")."""
-
-    def __init__(self, sample: dict, turbo: bool = True):
-        self.sample, self.data = sample, _image_bytes(sample)  # the encoded file
-        self._unread = None
-        header = _turbo_header(self.data) if turbo else None
-        if header is not None:
-            self.height, self.width = header
-            self.jpeg = self.turbo = True
-        else:
-            with _image_errors(sample):
-                self._unread = Image.open(io.BytesIO(self.data))  # header only
-            self.height, self.width = self._unread.height, self._unread.width
-            self.jpeg, self.turbo = self._unread.format == "JPEG", False
-        self._decoded = {}  # draft scale -> (3, H, W) tensor at scale 1, RGB PIL image above
-
-    def crop(self, box, flip: bool, size: int) -> torch.Tensor:
-        """The view (normalised `box`, `flip`) at `size` px: (3, size, size) uint8."""
-        scale = draft_scale(box, self.height, self.width, size) if self.jpeg else 1
-        if scale == 1:
-            return apply_view(self.full(), box, flip, size)
-        return apply_view_drafted(self._drafted(scale), box, flip, size, self.height,
-                                  self.width, scale)
-
-    def full(self) -> torch.Tensor:
-        """The whole image, decoded at full size: (3, H, W) uint8."""
-        if 1 not in self._decoded:
-            pixels = self._turbo(1) if self.turbo else None
-            if pixels is None:
-                with _image_errors(self.sample), self._unopened() as image:
-                    self._decoded[1] = _rgb_tensor(image)
-            else:
-                self._decoded[1] = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W)
-        return self._decoded[1]
-
-    def _drafted(self, scale: int) -> Image.Image:
-        if scale not in self._decoded:
-            pixels = self._turbo(scale) if self.turbo else None
-            if pixels is not None:
-                drafted = Image.fromarray(pixels)
-            else:
-                with _image_errors(self.sample), self._unopened() as image:
-                    # asks for the scale exactly: PIL picks the largest s <= width // requested
-                    image.draft(image.mode, (self.width // scale, self.height // scale))
-                    drafted = image.convert("RGB")
-            expected = (-(-self.width // scale), -(-self.height // scale))
-            if drafted.size != expected:  # a decoder whose draft rounds otherwise
-                raise RuntimeError(f"JPEG draft at 1/{scale} gave {drafted.size}, expected "
-                                   f"{expected}: this Pillow or simplejpeg is not supported")
-            self._decoded[scale] = drafted
-        return self._decoded[scale]
-
-    def _turbo(self, scale: int) -> np.ndarray | None:
-        """(H / scale, W / scale, 3) uint8 RGB by simplejpeg at DCT scale 1 / `scale` (sides
-        rounded up, as Pillow's draft), or None when it refuses the data (Pillow then decodes
-        it as before, or names the shard as corrupt)."""
-        try:
-            return simplejpeg.decode_jpeg(self.data, "RGB", min_factor=scale,
-                                          min_height=-(-self.height // scale),
-                                          min_width=-(-self.width // scale))
-        except ValueError:
-            self.turbo = False
-            return None
-
-    def _unopened(self) -> Image.Image:
-        """The file opened but not decoded: the header's on first use, then a new one."""
-        image, self._unread = self._unread, None
-        return image if image is not None else Image.open(io.BytesIO(self.data))
-
-
-# libjpeg colour spaces whose RGB output is Pillow's convert("RGB") of its own decode.
-_TURBO_COLORSPACES = ("YCbCr", "Gray")
-
-
-def _turbo_header(data: bytes) -> tuple[int, int] | None:
-    """(height, width) of a JPEG that simplejpeg decodes as Pillow would, else None."""
-    if data[:2] != b"\xff\xd8":  # not a JPEG (PNG): simplejpeg would only raise
-        return None
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        return None
-    return (height, width) if colorspace in _TURBO_COLORSPACES else None
-
-
-@contextmanager
-def _image_errors(sample: dict):
-    """PIL's errors on the sample's bytes as a CorruptShardError naming the shard."""
-    where = sample.get("__url__")
-    try:
-        yield
-    except UnidentifiedImageError:
-        raise CorruptShardError(_corrupt(where, f"sample {sample['__key__']} is not an "
-                                                "image")) from None
-    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for damaged data
-        raise CorruptShardError(_corrupt(where, f"sample {sample['__key__']} cannot be "
-                                                f"decoded: {error}")) from None
-
-
-def _image_bytes(sample: dict) -> bytes:
-    data = sample.get("jpg", sample.get("png"))
-    if data is None:
-        raise CorruptShardError(_corrupt(sample.get("__url__"),
-                                         f"sample {sample['__key__']} has no jpg/png"))
-    return data
 
 
 def _eval_sample(sample: dict, image_size: int) -> dict:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import BinaryIO, Iterator
 
+from pipeline.errors import UserError
+
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")  # file, old-style file, contiguous file (tarfile's REGULAR_TYPES)
 SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6", b"K")  # links, devices, dirs, FIFOs, long links
@@ -121,3 +123,11 @@ def _pax_records(data: bytes) -> dict[str, str]:
     except ValueError:
         raise TarFormatError(f"malformed pax header {data[:60]!r}") from None
     return records
+
+
+class CorruptShardError(UserError):
+    """A tar shard that cannot be read as prepare wrote it; the message names it."""
+
+
+def corrupt_shard(url: str, what: str) -> str:
+    return f"{url}: corrupt shard ({what[:200]}); rerun prepare (dvc repro prepare) to rewrite it"

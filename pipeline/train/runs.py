@@ -22,8 +22,8 @@ from pipeline.data.manifest import file_sha256, load_manifest
 from pipeline.store import (LOGIT_FIELDS, LogitStore, TailBasis, open_store,
                             teacher_logits_from_fields)
 from pipeline.distributed import distributed
-from pipeline.stream.loader import (CachedViews, FreshViews, StoredViews, TrainStream, Views,
-                                   epoch_steps, eval_loader, split_shards)
+from pipeline.stream.views import CachedViews, FreshViews, StoredViews, Views
+from pipeline.stream.loader import TrainStream, epoch_steps, eval_loader, split_shards
 from pipeline.train.loop import TrainRun, fit
 
 __all__ = ["train_teacher", "train_student", "crop_spec", "load_model", "model_identity",
