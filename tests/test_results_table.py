@@ -6,7 +6,8 @@ import json
 import pytest
 
 from pipeline.tools.results_table import (ROWS, collect, is_workspace, print_comparisons,
-                                          queue_order, row_overrides, run_figures, targets)
+                                          queue_order, row_overrides, run_figures, set_params,
+                                          targets)
 
 PARAMS = {"seed": 0, "student": {"seed": None, "loss": "ikl", "online_teacher": False},
           "teachers": {"teacher": {"epochs": 10}, "baseline": {"epochs": 10}},
@@ -19,6 +20,13 @@ def test_rows_seeds_targets_and_the_runs_the_workspace_already_holds():
     assert row_overrides(ROWS["baseline"], 1, 100) == ["teachers.baseline.seed=1"]
     assert targets(ROWS["baseline"]) == ["evaluate_teacher@baseline"]
     assert targets(ROWS["ikl-none"]) == ["evaluate_student"]
+
+
+def test_a_key_params_yaml_does_not_spell_out_is_added_with_plus_plus():
+    # DVC refuses `-S teachers.teacher.seed=1` when the key is absent ("not in struct").
+    assert set_params(["teachers.teacher.seed=1", "student.seed=1", "student.loss=kl"],
+                      PARAMS) == ["-S", "++teachers.teacher.seed=1", "-S", "student.seed=1",
+                                  "-S", "student.loss=kl"]
 
 
 def test_the_runs_the_workspace_already_holds(tmp_path):

@@ -115,6 +115,22 @@ def row_overrides(row: Row, seed: int, classes: int) -> list[str]:
     return seed_overrides(row, seed) + [o.format(classes=classes) for o in row.overrides]
 
 
+def present(params: dict, dotted: str) -> bool:
+    node = params
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def set_params(overrides: list[str], params: dict) -> list[str]:
+    """`dvc exp run -S` arguments: a key that params.yaml does not spell out (a teacher's
+    `seed`, null by default) is added with Hydra's `++`, which DVC needs for a new key."""
+    return [part for override in overrides for part in (
+        "-S", override if present(params, override.split("=", 1)[0]) else f"++{override}")]
+
+
 def targets(row: Row) -> list[str]:
     return ["evaluate_student" if row.model == "student" else f"evaluate_teacher@{row.model}"]
 
@@ -147,7 +163,7 @@ def queue(root: Path, blocks: list[list[str]], seeds: list[int], params: dict,
             continue
         overrides = row_overrides(row, seed, classes)
         dvc(root, "exp", "run", "--queue", "-n", f"{name}-s{seed}",
-            *[part for override in overrides for part in ("-S", override)], *targets(row))
+            *set_params(overrides, params), *targets(row))
     dvc(root, "queue", "start", "--jobs", "1")
 
 
