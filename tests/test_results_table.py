@@ -83,3 +83,24 @@ def test_paired_differences_per_seed(capsys):
 @pytest.mark.parametrize("name", list(ROWS))
 def test_every_row_names_its_models(name):
     assert ROWS[name].model in ("student", "teacher", "baseline")
+
+
+def test_finished_experiments_are_read_from_dvc_refs(tmp_path):
+    import subprocess
+
+    from pipeline.tools.results_table import experiments
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
+    for message in ("old", "head"):
+        subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", message], cwd=tmp_path,
+                       check=True)
+    head, old = subprocess.run(["git", "rev-list", "HEAD"], cwd=tmp_path, text=True,
+                               capture_output=True, check=True).stdout.split()
+    refs = {f"refs/exps/{old[:2]}/{old[2:]}/ikl-s1": old,  # of another baseline
+            f"refs/exps/{head[:2]}/{head[2:]}/ikl-s1": head,  # of HEAD: wins
+            f"refs/exps/{old[:2]}/{old[2:]}/kl-s1": old,
+            "refs/exps/celery/stash": old}  # the queue, not an experiment
+    for ref, commit in refs.items():
+        subprocess.run(["git", "update-ref", ref, commit], cwd=tmp_path, check=True)
+    assert experiments(tmp_path) == {"ikl-s1": head, "kl-s1": old}

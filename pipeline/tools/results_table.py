@@ -176,15 +176,25 @@ def wait(root: Path) -> None:
 
 
 def experiments(root: Path) -> dict[str, str]:
-    """Experiment name -> its commit, from `dvc exp show --json` (finished ones only)."""
-    shown = json.loads(dvc(root, "exp", "show", "--json", "--all-commits", capture=True))
-    found = {}
-    for baseline in shown:
-        for experiment in baseline.get("experiments") or []:
-            for revision in experiment.get("revs", []):
-                data = revision.get("data") or {}
-                if revision.get("name") and data.get("rev") not in (None, "workspace"):
-                    found[revision["name"]] = data["rev"]
+    """Finished experiment name -> its commit: DVC keeps each one as the git ref
+    refs/exps/<baseline commit, split 2/38>/<name> (queued and running ones have none yet).
+    An experiment of the current HEAD wins over one of the same name from another baseline."""
+    listed = subprocess.run(["git", "for-each-ref", "refs/exps",
+                             "--format=%(refname) %(objectname)"], cwd=root, text=True,
+                            capture_output=True, check=True).stdout.split("\n")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, text=True,
+                          capture_output=True, check=True).stdout.strip()
+    found, of_head = {}, set()
+    for line in filter(None, listed):
+        ref, commit = line.split()
+        parts = ref.split("/")  # refs, exps, 2 hex, 38 hex, name
+        if len(parts) != 5:  # e.g. refs/exps/celery/stash: the queue itself
+            continue
+        name, baseline = parts[4], parts[2] + parts[3]
+        if name not in of_head:
+            found[name] = commit
+        if baseline == head:
+            of_head.add(name)
     return found
 
 
@@ -239,7 +249,7 @@ def cell(values: list, digits: int) -> str:
     if not values:
         return "–"
     mean, std = mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def print_table(table: dict[str, dict[int, dict]]) -> None:
@@ -259,6 +269,8 @@ def print_comparisons(table: dict[str, dict[int, dict]]) -> None:
     print("\nunpaired, top-1 (|mean a - mean b| > std a + std b is beyond the spread):")
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
+            if min(len(table[a]), len(table[b])) < 2:
+                continue  # one run has no spread to compare against
             (mean_a, std_a), (mean_b, std_b) = (
                 mean_std([run["top1"] for run in table[x].values()]) for x in (a, b))
             beyond = abs(mean_a - mean_b) > std_a + std_b
