@@ -25,7 +25,8 @@ from pipeline.params import load_params
 @click.option("--reliability", "reliability_file", default=None,
               help="CSV: the reliability diagram's 15 confidence bins.")
 @click.option("--evaluated", "evaluated_file", default=None,
-              help="JSON: the checkpoint's sha256, beside the metrics (not a metric).")
+              help="JSON: the checkpoint's sha256 and the classes per group, beside the "
+                   "metrics (not metrics).")
 @run_stage
 def main(params_file: str, name: str, shards: str, checkpoint: str, metrics_file: str,
          per_class_file: str, plot_file: str | None, reliability_file: str | None,

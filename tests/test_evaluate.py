@@ -215,6 +215,10 @@ def test_evaluate_stage_writes_metrics_and_per_class_table(shards, tmp_path):
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     evaluated = json.loads((tmp_path / "results" / "evaluated.json").read_text())
     assert evaluated["checkpoint_sha256"] == file_sha256(checkpoint)
+    counts = manifest["train_counts"]
+    assert evaluated["group_classes"] == {"many": sum(n > 100 for n in counts),
+                                          "medium": sum(20 <= n <= 100 for n in counts),
+                                          "few": sum(n < 20 for n in counts)}
     assert "ECE" in result.output and "NLL" in result.output
     model = build_model("resnet8", 10)
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
@@ -226,6 +230,8 @@ def test_evaluate_stage_writes_metrics_and_per_class_table(shards, tmp_path):
                                    EvaluateParams(batch_size=32))
     calibration, bins = calibration_report(logits, labels, manifest["train_counts"],
                                            EvaluateParams(batch_size=32))
+    for group in ("many", "medium", "few"):  # in evaluated.json, beside the metrics
+        assert expected.pop(f"{group}_classes") == evaluated["group_classes"][group]
     assert metrics == pytest.approx({**expected, **calibration})
     assert metrics["ece"] == pytest.approx(slow_ece(logits, labels), abs=1e-9)
     assert metrics["nll"] == pytest.approx(slow_nll(logits, labels), rel=1e-9)

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from pipeline.tools.results_table import (ROWS, collect, is_workspace, print_comparisons,
-                                          queue_order, row_overrides, run_figures, targets)
+                                          queue_order, row_overrides, run_figures, set_params,
+                                          targets)
 
 PARAMS = {"seed": 0, "student": {"seed": None, "loss": "ikl", "online_teacher": False},
           "teachers": {"teacher": {"epochs": 10}, "baseline": {"epochs": 10}},
@@ -19,6 +20,13 @@ def test_rows_seeds_targets_and_the_runs_the_workspace_already_holds():
     assert row_overrides(ROWS["baseline"], 1, 100) == ["teachers.baseline.seed=1"]
     assert targets(ROWS["baseline"]) == ["evaluate_teacher@baseline"]
     assert targets(ROWS["ikl-none"]) == ["evaluate_student"]
+
+
+def test_a_key_params_yaml_does_not_spell_out_is_added_with_plus_plus():
+    # DVC refuses `-S teachers.teacher.seed=1` when the key is absent ("not in struct").
+    assert set_params(["teachers.teacher.seed=1", "student.seed=1", "student.loss=kl"],
+                      PARAMS) == ["-S", "++teachers.teacher.seed=1", "-S", "student.seed=1",
+                                  "-S", "student.loss=kl"]
 
 
 def test_the_runs_the_workspace_already_holds(tmp_path):
@@ -75,3 +83,24 @@ def test_paired_differences_per_seed(capsys):
 @pytest.mark.parametrize("name", list(ROWS))
 def test_every_row_names_its_models(name):
     assert ROWS[name].model in ("student", "teacher", "baseline")
+
+
+def test_finished_experiments_are_read_from_dvc_refs(tmp_path):
+    import subprocess
+
+    from pipeline.tools.results_table import experiments
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
+    for message in ("old", "head"):
+        subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", message], cwd=tmp_path,
+                       check=True)
+    head, old = subprocess.run(["git", "rev-list", "HEAD"], cwd=tmp_path, text=True,
+                               capture_output=True, check=True).stdout.split()
+    refs = {f"refs/exps/{old[:2]}/{old[2:]}/ikl-s1": old,  # of another baseline
+            f"refs/exps/{head[:2]}/{head[2:]}/ikl-s1": head,  # of HEAD: wins
+            f"refs/exps/{old[:2]}/{old[2:]}/kl-s1": old,
+            "refs/exps/celery/stash": old}  # the queue, not an experiment
+    for ref, commit in refs.items():
+        subprocess.run(["git", "update-ref", ref, commit], cwd=tmp_path, check=True)
+    assert experiments(tmp_path) == {"ikl-s1": head, "kl-s1": old}

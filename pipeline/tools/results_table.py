@@ -115,6 +115,22 @@ def row_overrides(row: Row, seed: int, classes: int) -> list[str]:
     return seed_overrides(row, seed) + [o.format(classes=classes) for o in row.overrides]
 
 
+def present(params: dict, dotted: str) -> bool:
+    node = params
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def set_params(overrides: list[str], params: dict) -> list[str]:
+    """`dvc exp run -S` arguments: a key that params.yaml does not spell out (a teacher's
+    `seed`, null by default) is added with Hydra's `++`, which DVC needs for a new key."""
+    return [part for override in overrides for part in (
+        "-S", override if present(params, override.split("=", 1)[0]) else f"++{override}")]
+
+
 def targets(row: Row) -> list[str]:
     return ["evaluate_student" if row.model == "student" else f"evaluate_teacher@{row.model}"]
 
@@ -147,7 +163,7 @@ def queue(root: Path, blocks: list[list[str]], seeds: list[int], params: dict,
             continue
         overrides = row_overrides(row, seed, classes)
         dvc(root, "exp", "run", "--queue", "-n", f"{name}-s{seed}",
-            *[part for override in overrides for part in ("-S", override)], *targets(row))
+            *set_params(overrides, params), *targets(row))
     dvc(root, "queue", "start", "--jobs", "1")
 
 
@@ -160,15 +176,25 @@ def wait(root: Path) -> None:
 
 
 def experiments(root: Path) -> dict[str, str]:
-    """Experiment name -> its commit, from `dvc exp show --json` (finished ones only)."""
-    shown = json.loads(dvc(root, "exp", "show", "--json", "--all-commits", capture=True))
-    found = {}
-    for baseline in shown:
-        for experiment in baseline.get("experiments") or []:
-            for revision in experiment.get("revs", []):
-                data = revision.get("data") or {}
-                if revision.get("name") and data.get("rev") not in (None, "workspace"):
-                    found[revision["name"]] = data["rev"]
+    """Finished experiment name -> its commit: DVC keeps each one as the git ref
+    refs/exps/<baseline commit, split 2/38>/<name> (queued and running ones have none yet).
+    An experiment of the current HEAD wins over one of the same name from another baseline."""
+    listed = subprocess.run(["git", "for-each-ref", "refs/exps",
+                             "--format=%(refname) %(objectname)"], cwd=root, text=True,
+                            capture_output=True, check=True).stdout.split("\n")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, text=True,
+                          capture_output=True, check=True).stdout.strip()
+    found, of_head = {}, set()
+    for line in filter(None, listed):
+        ref, commit = line.split()
+        parts = ref.split("/")  # refs, exps, 2 hex, 38 hex, name
+        if len(parts) != 5:  # e.g. refs/exps/celery/stash: the queue itself
+            continue
+        name, baseline = parts[4], parts[2] + parts[3]
+        if name not in of_head:
+            found[name] = commit
+        if baseline == head:
+            of_head.add(name)
     return found
 
 
@@ -223,7 +249,7 @@ def cell(values: list, digits: int) -> str:
     if not values:
         return "–"
     mean, std = mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def print_table(table: dict[str, dict[int, dict]]) -> None:
@@ -243,6 +269,8 @@ def print_comparisons(table: dict[str, dict[int, dict]]) -> None:
     print("\nunpaired, top-1 (|mean a - mean b| > std a + std b is beyond the spread):")
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
+            if min(len(table[a]), len(table[b])) < 2:
+                continue  # one run has no spread to compare against
             (mean_a, std_a), (mean_b, std_b) = (
                 mean_std([run["top1"] for run in table[x].values()]) for x in (a, b))
             beyond = abs(mean_a - mean_b) > std_a + std_b

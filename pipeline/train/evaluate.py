@@ -146,12 +146,15 @@ def write_reliability(bins: list[dict], path: str | Path) -> None:
         writer.writerows(bins)
 
 
-def write_evaluated(checkpoint: str | Path, path: str | Path) -> None:
-    """Which checkpoint a report belongs to (its sha256), beside the metrics: an identifier,
-    not a metric, so `dvc metrics show` stays a table of numbers."""
+def write_evaluated(checkpoint: str | Path, path: str | Path,
+                    group_classes: dict[str, int] | None = None) -> None:
+    """What a report describes, beside the metrics: the checkpoint (its sha256) and the number
+    of classes in each group. Identifiers and counts of the data, not measurements of the
+    model, so they stay out of `dvc metrics show`, which shows every metric as a column."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"checkpoint": str(checkpoint),
-                                      "checkpoint_sha256": file_sha256(checkpoint)},
+                                      "checkpoint_sha256": file_sha256(checkpoint),
+                                      "group_classes": group_classes or {}},
                                      indent=1) + "\n")
 
 
@@ -175,7 +178,7 @@ def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: s
     """Test-split report of one checkpoint, written for DVC: metrics (accuracy, long-tail
     groups, calibration), the per-class CSV, given `reliability_file` the reliability bins
     (CSV), given `evaluated_file` the checkpoint's sha256 (JSON, to tie the metrics to the
-    exact file evaluated), and given `plot_file` a PNG of per-class accuracy against train
+    exact file evaluated, and the classes per group), and given `plot_file` a PNG of per-class accuracy against train
     count titled with `name` (with the reliability diagram). Returns the metrics."""
     manifest = load_manifest(shards_dir)
     model, state = load_model(checkpoint)
@@ -192,11 +195,12 @@ def evaluate_checkpoint(settings: EvaluateParams, shards_dir: str, checkpoint: s
     metrics, per_class = long_tail_report(logits, labels, manifest["train_counts"], settings)
     calibration, bins = calibration_report(logits, labels, manifest["train_counts"], settings)
     metrics.update(calibration)
+    group_classes = {group: metrics.pop(f"{group}_classes") for group in group_members(settings)}
     write_report(metrics, per_class, manifest["class_names"], metrics_file, per_class_file)
     if reliability_file:
         write_reliability(bins, reliability_file)
     if evaluated_file:
-        write_evaluated(checkpoint, evaluated_file)
+        write_evaluated(checkpoint, evaluated_file, group_classes)
     if plot_file:
         label = f"{name} ({state['arch']})"
         plot_per_class([read_per_class(per_class_file, label)], settings, plot_file,
