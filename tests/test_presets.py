@@ -1,3 +1,6 @@
+"""Presets: the official DKL ImageNet-LT rows, and every params file a user copies over params.yaml."""
+
+import re
 import yaml
 from click.testing import CliRunner
 
@@ -125,6 +128,11 @@ def test_every_params_file_has_every_key_a_stage_lists():
     root = Path(__file__).resolve().parents[1]
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     listed = {key for stage in stages.values() for key in stage.get("do", stage).get("params", [])}
+    # and every key dvc.yaml templates (`${data.root}` in prepare's deps, ...): DVC cannot parse
+    # dvc.yaml without them
+    templated = set(re.findall(r"\$\{([\w.]+)\}", (root / "dvc.yaml").read_text())) - {"key"}
+    assert "data.train_list" in templated
+    listed |= templated
     assert "student.decode" in listed  # the dump decodes the way its student will
     files = sorted((root / "pipeline" / "tools" / "presets").glob("*.yaml"))
     assert {path.name for path in files} >= {"smoke.yaml", "glyphs_lt.yaml", "imagenet_lt.yaml",
