@@ -29,16 +29,13 @@ epochs, each epoch's chain built inside them from a shared epoch number.
 
 from __future__ import annotations
 
-import json
-import tarfile
 from dataclasses import dataclass, replace
+from functools import partial
 
-import fsspec
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, default_collate
-from webdataset.tariterators import group_by_keys
 
 from pipeline.data.manifest import shard_url
 from pipeline.errors import UserError
@@ -46,7 +43,7 @@ from pipeline.store import LOGIT_FIELDS
 from pipeline.stream.augment import DECODE, draw_views, eval_view
 from pipeline.stream.decode import SourceImage, decode
 from pipeline.stream.device_decode import DEVICE_DECODE, worker_payload
-from pipeline.stream.tars import CorruptShardError, corrupt_shard, tar_members
+from pipeline.stream.tars import read_samples
 from pipeline.stream.views import CachedViews, FreshViews, StoredViews, Views
 
 SHUFFLE_BUFFER = 2000  # samples (still encoded): a few shards' worth mixes classes well
@@ -101,19 +98,8 @@ class TrainStream:
 
     def epoch(self, epoch: int) -> EpochBatches:
         """Epoch `epoch`'s batches (iterate them before asking for the next epoch)."""
-        return EpochBatches(_AtEpoch(self, epoch), self.batch_size, self.steps,
-                            self.drop_last)
-
-
-class _AtEpoch:
-    """Iterating it sets the stream's epoch number, then (re)starts the workers' pass."""
-
-    def __init__(self, stream: TrainStream, epoch: int):
-        self.stream, self.epoch = stream, epoch
-
-    def __iter__(self):
-        self.stream.epoch_number.fill_(self.epoch)  # read by every worker as its pass starts
-        return iter(self.stream.loader)
+        return EpochBatches(self.loader, self.batch_size, self.steps, self.drop_last,
+                            epoch=(self.epoch_number, epoch))
 
 
 class _EpochChain(torch.utils.data.IterableDataset):
@@ -134,9 +120,9 @@ class _EpochChain(torch.utils.data.IterableDataset):
         attach_views = _attach_drawn_views if views.store is None else _attach_cached_views
         shuffle_seed = np.random.SeedSequence([views.order_seed, views.epoch, self.rank])
         return iter(wds.DataPipeline(
-            _segment_list(segments),
+            partial(iter, [{"url": s.shard.url, "segment": s} for s in segments]),
             wds.split_by_worker,
-            _read_samples,
+            read_samples,
             attach_views(views),
             wds.shuffle(SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER // 4,
                         seed=int(shuffle_seed.generate_state(1)[0])),
@@ -195,16 +181,21 @@ def rank_segments(shards: list[Shard], rank: int, world_size: int) -> list[Segme
 class EpochBatches:
     """The batches of one epoch: workers send small chunks, cut here into exact batches so
     the count is known in advance (`len`) and equal on every rank; the short last batch is
-    dropped with `drop_last`."""
+    dropped with `drop_last`. `epoch`: (the stream's shared epoch number, this epoch), written
+    before the workers' pass starts, which is when each of them reads it."""
 
-    def __init__(self, loader, batch_size: int, steps: int, drop_last: bool = False):
+    def __init__(self, loader, batch_size: int, steps: int, drop_last: bool = False, *,
+                 epoch: tuple[torch.Tensor, int] | None = None):
         self.loader, self.batch_size, self.steps = loader, batch_size, steps
-        self.drop_last = drop_last
+        self.drop_last, self.epoch = drop_last, epoch
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
+        if self.epoch is not None:
+            shared, epoch = self.epoch
+            shared.fill_(epoch)
         pending, count = [], 0
         for chunk in self.loader:
             pending.append(chunk)
@@ -271,9 +262,9 @@ def eval_loader(shards: list[Shard], *, batch_size: int, image_size: int, worker
     (every sample once over all ranks)."""
     segments = [Segment(s, s.start, s.stop) for s in shards[rank::world_size]]
     pipeline = wds.DataPipeline(
-        _segment_list(segments),
+        partial(iter, [{"url": s.shard.url, "segment": s} for s in segments]),
         wds.split_by_worker,
-        _read_samples,
+        read_samples,
         wds.map(lambda sample: _eval_sample(sample, image_size)),
         wds.batched(batch_size, collation_fn=default_collate, partial=True),
     )
@@ -285,45 +276,10 @@ def _loader(pipeline, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(pipeline, batch_size=None, num_workers=workers, pin_memory=pin_memory)
 
 
-def _segment_list(segments: list[Segment]):
-    """Pipeline source: one {"url", "segment"} per segment, in order."""
-
-    def source():
-        for segment in segments:
-            yield {"url": segment.shard.url, "segment": segment}
-
-    return source
-
-
 def read_shard(shard: Shard):
     """Every sample of one shard, in row order, with its parsed `meta` (json)."""
-    yield from _read_samples([{"url": shard.url, "segment": Segment(shard, shard.start,
-                                                                     shard.stop)}])
-
-
-def _read_samples(sources):
-    """Stage: the samples of each segment, its tar opened through fsspec (any local path or
-    URL fsspec knows: file://, s3://, gs://, memory://, ...) and read by pipeline.stream.tars (about
-    5x cheaper a member than tarfile: benchmarks/decode_steps.py). A shard that cannot be read
-    stops the run naming it (CorruptShardError)."""
-    for source in sources:
-        segment, url = source["segment"], source["url"]
-        try:
-            with fsspec.open(url, "rb") as stream:
-                files = ({"fname": name, "data": data, "__url__": url}
-                         for name, data in tar_members(stream))
-                for sample in group_by_keys(files):
-                    meta = json.loads(sample["json"])
-                    if segment.start <= meta["row"] < segment.stop:
-                        sample["meta"], sample["segment"] = meta, segment
-                        yield sample
-        except FileNotFoundError:
-            raise CorruptShardError(f"{url}: shard not found; rerun prepare (dvc repro "
-                                    "prepare)") from None
-        except (tarfile.TarError, ValueError, KeyError, TypeError, EOFError) as error:
-            detail = error.args[0] if error.args else ""  # webdataset appends stream, url
-            raise CorruptShardError(corrupt_shard(url, f"cannot be read: {type(error).__name__}: "
-                                                  f"{detail}")) from None
+    yield from read_samples([{"url": shard.url, "segment": Segment(shard, shard.start,
+                                                                    shard.stop)}])
 
 
 def _eval_sample(sample: dict, image_size: int) -> dict:
@@ -344,8 +300,16 @@ def _attach_cached_views(views: StoredViews):
             if shard is not current:  # one read per view per shard per epoch
                 current = shard
                 cached = [views.store.read_rows(v, shard.start, shard.stop) for v in view_ids]
-            sample["views"] = [_cached_view(part, sample["meta"], shard, views.store)
-                               for part in cached]
+            meta = sample["meta"]
+            row = meta["row"]
+            if not shard.start <= row < shard.stop or views.store.labels[row] != meta["label"]:
+                raise UserError(f"{shard.url}: row {row} (label {meta['label']}) does not match "
+                                f"the logit store {views.store.path}; it was dumped from other "
+                                "shards: rerun dump_logits")
+            i = row - shard.start
+            # where its logits are, not the logits: `_collate` gathers a chunk's at once
+            sample["views"] = [{"box": part["boxes"][i], "flip": part["flips"][i],
+                                "logits": (part, i)} for part in cached]
             yield sample
 
     return stage
@@ -381,18 +345,6 @@ def _attach_drawn_views(views: CachedViews | FreshViews):
             yield from with_views(pending)
 
     return stage
-
-
-def _cached_view(part: dict, meta: dict, shard: Shard, store) -> dict:
-    """A sample's stored view: its box and flip, and where its logits are (`_collate` gathers
-    a chunk's at once)."""
-    row = meta["row"]
-    if not shard.start <= row < shard.stop or store.labels[row] != meta["label"]:
-        raise UserError(f"{shard.url}: row {row} (label {meta['label']}) does not match the "
-                        f"logit store {store.path}; it was dumped from other shards: rerun "
-                        "dump_logits")
-    i = row - shard.start
-    return {"box": part["boxes"][i], "flip": part["flips"][i], "logits": (part, i)}
 
 
 def _training_samples(image_size: int, decode: str = DECODE):

@@ -189,7 +189,11 @@ def _train_epoch(model: nn.Module, run: TrainRun, epoch: int, optimizer, schedul
     model.train()
     sums = defaultdict(float)
     for step, batch in enumerate(run.train_batches(epoch)):
-        images = normalize(batch_pixels(batch, ranks.device, run.settings.image_size))
+        if "images" in batch:  # the CPU decode path: the workers cut the views
+            images = batch["images"].to(ranks.device, non_blocking=True)
+        else:  # the device decode path: encoded images, decoded and cut here
+            images = batch_pixels(batch, ranks.device, run.settings.image_size)
+        images = normalize(images)
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = batch["labels"].to(ranks.device, non_blocking=True)
