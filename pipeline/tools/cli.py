@@ -32,8 +32,9 @@ def presets() -> None:
 
     _echo_smoke()
     _echo_glyphs()
-    click.echo("\n# the paper's ImageNet-LT table, one row per official script:")
-    click.echo(f"# params file: {BASE_PARAMS}")
+    click.echo("\n# the paper's ImageNet-LT table, one row per official script; first apply the "
+               "preset and set data.root and the split lists' paths (docs/reproducing-the-paper.md):\n"
+               f"#   cp {BASE_PARAMS} params.yaml")
     for name in IMAGENET_LT_ROWS:
         click.echo(f"# {describe(name)}\n{exp_run_command(name)}")
 
