@@ -16,13 +16,19 @@ from typing import Any
 
 from pipeline.data.registry import DATA_SOURCES, known_classes
 # ParamsError and parse are also imported from here by the stages, the train package and tests.
-from pipeline.params_parse import (ParamsError, above, at_least, between, one_of, param, parse,
-                                   parse_into)
+from pipeline.params_parse import (ParamsError, Rule, above, at_least, between, one_of, param,
+                                   parse, parse_into)
 from pipeline.params_yaml import read_yaml
 
 
 # ---------------------------------------------------------------------------------------------
 # Sections
+
+# A crop range [low, high] (augment.crop_scale, crop_ratio): the one check of it, here and in
+# pipeline.stream.augment.CropSpec.
+CROP_RANGE: Rule = ("[low, high] with 0 < low <= high",
+                    lambda value: len(value) == 2 and 0 < value[0] <= value[1])
+
 
 @dataclass(frozen=True)
 class DataParams:
@@ -81,8 +87,10 @@ class AugmentParams:
     """`augment`: the training crops, for teachers, the logit dump and students alike (the
     student replays exactly the crops its teacher's logits were computed on)."""
 
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction range
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # and aspect ratio (width / height) range
+    # RandomResizedCrop's ranges: the crop's area as a fraction of the image's, and its aspect
+    # ratio (width / height)
+    crop_scale: tuple[float, float] = param((0.08, 1.0), CROP_RANGE)
+    crop_ratio: tuple[float, float] = param((3 / 4, 4 / 3), CROP_RANGE)
     flip_probability: float = param(0.5, between(0, 1))
 
 
@@ -240,11 +248,6 @@ def consistency_problems(params: Params) -> list[str]:
     if params.student.teacher not in params.teachers:
         problems.append(f"student.teacher: {params.student.teacher!r} is not a key of "
                         f"teachers (known: {', '.join(params.teachers)})")
-    for key, (low, high) in (("crop_scale", params.augment.crop_scale),
-                             ("crop_ratio", params.augment.crop_ratio)):
-        if not 0 < low <= high:
-            problems.append(f"augment.{key}: expected [low, high] with 0 < low <= high, "
-                            f"got {[low, high]}")
     if params.evaluate.few_below > params.evaluate.many_above:
         problems.append("evaluate.few_below: expected <= evaluate.many_above, got "
                         f"{params.evaluate.few_below} > {params.evaluate.many_above}")
@@ -274,14 +277,23 @@ def consistency_problems(params: Params) -> list[str]:
     return problems
 
 
-def _class_problems(params: Params, num_classes: int, source: str) -> list[str]:
-    problems = []
-    logits, student = params.logits, params.student
+def topk_problems(logits: LogitsParams, num_classes: int, source: str) -> list[str]:
+    """`logits.topk` against the `num_classes` classes of `source` (the data source, or the
+    prepared shards where only they know C): the one check of k <= C, made by load_params, the
+    teacher run (`data_problems`) and the dump. (A store's attributes, which any writer may
+    have made, are checked on open: pipeline/store/layout.py.)"""
     if logits.topk > num_classes:
-        problems.append(f"logits.topk: {logits.topk} exceeds the {num_classes} classes of "
-                        f"{source}; set logits.topk <= {num_classes}")
-    elif (student.loss == "ikl" and logits.tail == "none" and logits.topk < num_classes
-            and not student.ikl.approximate_tail and not student.online_teacher):
+        return [f"logits.topk: {logits.topk} exceeds the {num_classes} classes of {source}; "
+                f"set logits.topk <= {num_classes}"]
+    return []
+
+
+def _class_problems(params: Params, num_classes: int, source: str) -> list[str]:
+    logits, student = params.logits, params.student
+    problems = topk_problems(logits, num_classes, source)
+    if not problems and (student.loss == "ikl" and logits.tail == "none"
+                         and logits.topk < num_classes and not student.ikl.approximate_tail
+                         and not student.online_teacher):
         problems.append(
             f"logits.tail: none keeps only the top-{logits.topk} of {num_classes} "
             "logits, but an IKL student needs every class's logit; set logits.tail: quantized, "

@@ -110,6 +110,10 @@ def parse_into(cls: type, raw: Any, key_path: str, problems: list[str]) -> Any:
         else:
             before = len(problems)
             converted = _convert(hint, value, child_path, problems)
+            if len(problems) == before and rule and not rule[1](converted):
+                # a list's rule is a whole-value check (a range's order); its own words
+                problems.append(f"{child_path}: expected {rule[0]}, got {list(converted)}")
+                continue
             if len(problems) == before or dataclasses.is_dataclass(hint) or (
                     typing.get_origin(hint) is dict and converted):
                 values[name] = converted  # a section keeps its good keys
