@@ -390,6 +390,17 @@ def test_student_refuses_a_store_of_another_teacher_or_seed(stage_one_data, teac
     assert not (tmp_path / "student").exists()  # refused before any training
 
 
+def test_topk_above_the_classes_stops_the_dump_naming_the_key(stage_one_data, tmp_path):
+    """A change of logits.topk reruns only the dump: it makes the params' own check (3 classes
+    here, known only from the shards), before the teacher is even loaded."""
+    params = params_from(with_changes(stage_one_data.raw, "logits", topk=4))
+    with pytest.raises(UserError) as error:
+        dump_to(stage_one_data, tmp_path / "no_checkpoint.pt", tmp_path / "k.zarr", params)
+    assert str(error.value) == (f"logits.topk: 4 exceeds the 3 classes of "
+                                f"{stage_one_data.shards_dir}; set logits.topk <= 3")
+    assert not (tmp_path / "k.zarr").exists()
+
+
 def test_nan_teacher_stops_the_dump_naming_the_row(stage_one_data, teacher_checkpoint,
                                                     tmp_path):
     state = torch.load(teacher_checkpoint, weights_only=True)

@@ -32,6 +32,21 @@ def assert_rows_contiguous(manifest, split):
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
 
 
+def test_every_registered_source_has_a_loader_and_its_fixed_class_count():
+    """pipeline/data/registry.py is the one list of sources: each entry's loader exists, and a
+    class count the params check before prepare is the one the source produces."""
+    from sklearn.datasets import load_digits
+
+    from pipeline.data import glyphs
+    from pipeline.data.registry import DATA_SOURCES
+    from pipeline.data.sources import LOADERS
+
+    assert {entry.loader for entry in DATA_SOURCES.values()} == set(LOADERS)
+    fixed = {name: entry.num_classes for name, entry in DATA_SOURCES.items() if entry.num_classes}
+    assert fixed == {"digits_lt": len(load_digits().target_names), "cifar10_lt": 10,
+                     "cifar100_lt": 100, "glyphs_lt": len(glyphs.CHARACTERS)}
+
+
 def test_long_tail_profile():
     assert long_tail_counts(100, 3, 10.0) == [100, 31, 10]
     assert long_tail_counts(5000, 10, 100.0)[-1] == 50

@@ -337,6 +337,21 @@ def test_create_store_refuses_different_attributes_or_complete_store(tmp_path):
                      attributes=store_attributes())
 
 
+def test_create_store_holds_its_attributes_to_the_schema_every_open_checks(tmp_path):
+    """topk <= num_classes, class_names of length C, ...: refused before anything is written,
+    in the words a reader uses for a damaged store's attributes."""
+    kwargs = dict(rows=ROWS, views=VIEWS, num_classes=CLASSES, shard_rows=SHARD_ROWS)
+    with pytest.raises(ValueError, match=r"cannot create the logit store: attribute 'topk' "
+                                         r"should be an integer in \[1, num_classes\], found 11"):
+        create_store(str(tmp_path / "k.zarr"), **kwargs, topk=CLASSES + 1,
+                     attributes=store_attributes())
+    with pytest.raises(ValueError, match="attribute 'class_names' should be a list of "
+                                         "num_classes names"):
+        create_store(str(tmp_path / "c.zarr"), **kwargs, topk=TOPK,
+                     attributes=store_attributes(class_names=["a", "b"]))
+    assert not (tmp_path / "k.zarr").exists() and not (tmp_path / "c.zarr").exists()
+
+
 def test_open_store_refuses_incomplete_and_mismatched_stores(tmp_path):
     new_store(tmp_path / "partial.zarr", shards=(0, 2), finalize=False)
     with pytest.raises(StoreMismatchError, match=r"incomplete.*2/3 shards.*rerun dump_logits"):

@@ -1,8 +1,10 @@
 """Data sources: each turns its input into lists of `Item`s per split, ready to encode.
 
-A source only lists images and labels (cheap, in this process); `encode_item` reads, checks and
-encodes one image and runs in worker processes (see pipeline/data/shards.py). Train items are
-shuffled once with the params seed, so every WebDataset shard holds a mix of classes.
+Which sources there are, and their class counts, is pipeline/data/registry.py; each entry names
+its loader here (`load_source` dispatches on it; CIFAR's is in pipeline/data/cifar.py). A source
+only lists images and labels (cheap, in this process); `encode_item` reads, checks and encodes
+one image and runs in worker processes (see pipeline/data/shards.py). Train items are shuffled
+once with the params seed, so every WebDataset shard holds a mix of classes.
 """
 
 from __future__ import annotations
@@ -11,46 +13,24 @@ import codecs
 import io
 import math
 import os
-import pickle
-import tarfile
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.errors import UserError
+from pipeline.data.cifar import cifar_lt
 from pipeline.data.images import is_plain, viewer_rgb
+from pipeline.data.items import Item, SourceData, SourceError, existing_dir, long_tail_counts
+from pipeline.data.registry import DATA_SOURCES
 from pipeline.params import DataParams
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Folders and files that operating systems and tools leave in data trees (besides any name
 # starting with '.': .DS_Store, AppleDouble ._*, .ipynb_checkpoints, .git, ...): never data.
 OS_LITTER = ("__macosx", "thumbs.db", "desktop.ini", "@eadir")
-
-
-class SourceError(UserError):
-    """Bad source input (missing file, bad list line, bad label); the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image to encode: `path` is what the manifest records; the pixels come from `file`
-    (an image file on disk) or `pixels` (an in-memory (H, W, 3) uint8 array)."""
-
-    path: str
-    label: int
-    file: str | None = None
-    pixels: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class SourceData:
-    class_names: list[str]
-    splits: dict[str, list[Item]]  # "train", optionally "val", and "test"
-    ignored: list[str] = field(default_factory=list)  # hidden entries and OS litter left out
 
 
 @dataclass(frozen=True)
@@ -62,21 +42,12 @@ class Encoded:
     stored_side: int  # the longer side of the image as stored (after any re-encode)
 
 
-def long_tail_counts(max_count: int, num_classes: int, imbalance_ratio: float) -> list[int]:
-    """Exponential profile n_i = n_max * rho^(-i / (C - 1)), rounded down (as in CIFAR-LT)."""
-    if num_classes == 1:
-        return [max_count]
-    return [int(max_count * imbalance_ratio ** (-i / (num_classes - 1)))
-            for i in range(num_classes)]
-
-
 def load_source(params: DataParams, seed: int) -> SourceData:
-    """Dispatch on `params.source`; train items come back shuffled with `seed`."""
-    loaders = {"digits_lt": _digits_lt, "split_lists": _split_lists, "cifar10_lt": _cifar_lt,
-               "cifar100_lt": _cifar_lt, "image_folder": _image_folder}
-    loaders["glyphs_lt"] = _glyphs_lt
+    """The source `params.source` names, by the loader its registry entry names (one of the
+    functions below, or cifar_lt); train items come back shuffled with `seed`."""
+    loader = LOADERS[DATA_SOURCES[params.source].loader]
     rng = np.random.default_rng(seed)
-    data = loaders[params.source](params, rng)
+    data = loader(params, rng)
     train = data.splits["train"]
     data.splits["train"] = [train[i] for i in rng.permutation(len(train))]
     return data
@@ -85,7 +56,7 @@ def load_source(params: DataParams, seed: int) -> SourceData:
 # ---------------------------------------------------------------------------------------------
 # Sources
 
-def _digits_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
+def digits_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
     """scikit-learn's bundled 8x8 digits: balanced val/test, long-tailed train, upscaled RGB."""
     from sklearn.datasets import load_digits  # shipped inside scikit-learn: nothing downloaded
 
@@ -119,7 +90,7 @@ def glyphs_split_counts(params: DataParams) -> dict[str, list[int]]:
     return {split: n for split, n in counts.items() if sum(n)}
 
 
-def _glyphs_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
+def glyphs_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
     """Characters rendered from matplotlib's bundled fonts (pipeline/data/glyphs.py) at
     data.image_size, every sample keyed by the params seed (the entropy `rng` was made from).
     Item paths are `glyphs/SPLIT/LABEL/INDEX`; labels follow glyphs.CHARACTERS."""
@@ -137,14 +108,14 @@ def _glyphs_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
     return SourceData(class_names=list(glyphs.CHARACTERS), splits=splits)
 
 
-def _image_folder(params: DataParams, rng: np.random.Generator) -> SourceData:
+def image_folder(params: DataParams, rng: np.random.Generator) -> SourceData:
     """`root/class_name/image.ext`: balanced val/test held out per class, long-tailed train.
     Hidden entries and OS litter (`is_litter`), files that are not images and links that would
     loop are left out at any depth and recorded (`ignored`). Links are followed wherever they
     point, to files and folders alike (a link to a folder above it is a loop: left out).
     Names are read as UTF-8 whatever the locale, and sorted as text: the same tree gives the
     same classes, labels and fingerprint under any LANG / LC_ALL."""
-    root = _existing_dir(params.root, "data.root (an ImageFolder tree root/class/image.jpg)")
+    root = existing_dir(params.root, "data.root (an ImageFolder tree root/class/image.jpg)")
     entries = sorted(root.iterdir(), key=lambda p: fs_text(p.name))
     ignored = [f"{fs_text(p.name)}/" if p.is_dir() else fs_text(p.name) for p in entries
                if is_litter(p.name)]
@@ -238,133 +209,9 @@ def _balanced_holdout_and_long_tail(by_class, names, params: DataParams, make_it
     return SourceData(class_names=names, splits=splits)
 
 
-def _cifar_lt(params: DataParams, rng: np.random.Generator) -> SourceData:
-    """CIFAR-10/100 python archive: long-tailed train (n_max = 5000 / 500), the full balanced
-    test set. Read directly from the pickles: torchvision's reader refuses any archive whose
-    md5 differs from the official one, which rules out generated test archives."""
-    cifar10 = params.source == "cifar10_lt"
-    variant = "cifar-10-batches-py" if cifar10 else "cifar-100-python"
-    archive = _CifarArchive(params.root, variant, _cifar_files(params.root, variant))
-    names = archive.names("batches.meta" if cifar10 else "meta",
-                          "label_names" if cifar10 else "fine_label_names")
-    label_key = "labels" if cifar10 else "fine_labels"
-    train_parts = [f"data_batch_{i}" for i in range(1, 6)] if cifar10 else ["train"]
-    train_pixels, train_labels = archive.split(train_parts, label_key, len(names), "train")
-    test_pixels, test_labels = archive.split(["test_batch" if cifar10 else "test"], label_key,
-                                             len(names), "test")
-    labels = np.asarray(train_labels)
-    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(len(names))]
-    counts = long_tail_counts(max(len(i) for i in by_class), len(names), params.imbalance_ratio)
-    train = [Item(f"{variant}/train/{i}", train_labels[i], pixels=train_pixels[i])
-             for indices, n in zip(by_class, counts) for i in indices[:n]]
-    test = [Item(f"{variant}/test/{i}", label, pixels=test_pixels[i])
-            for i, label in enumerate(test_labels)]
-    return SourceData(class_names=names, splits={"train": train, "test": test})
-
-
-@dataclass(frozen=True)
-class _CifarArchive:
-    """The pickled batches of a CIFAR python archive, checked as they are read: keys may be
-    bytes (the official Python 2 pickles) or str (archives re-saved by Python 3); anything
-    malformed is a one-line SourceError naming the file and the entry."""
-
-    root: str
-    variant: str
-    files: dict[str, bytes]  # base name -> content
-
-    def batch(self, name: str) -> dict:
-        if name not in self.files:
-            raise SourceError(f"{self.root}: not a {self.variant} archive (no {name}); point "
-                              "data.root at the CIFAR python archive or its extracted folder")
-        return _cifar_pickle(self.files[name], f"{self.root}: {name}")
-
-    def entry(self, name: str, loaded: dict, key: str):
-        if key not in loaded:
-            raise SourceError(f"{self.root}: {name} has no {key!r} entry (it has "
-                              f"{', '.join(map(str, loaded)) or 'none'}); not a "
-                              f"{self.variant} archive")
-        return loaded[key]
-
-    def names(self, meta: str, key: str) -> list[str]:
-        names = self.entry(meta, self.batch(meta), key)
-        if not isinstance(names, (list, tuple)) or not all(
-                isinstance(n, (bytes, str)) for n in names):
-            raise SourceError(f"{self.root}: {meta}: {key} is not a list of names")
-        return [n.decode() if isinstance(n, bytes) else n for n in names]
-
-    def split(self, parts: list[str], label_key: str, num_classes: int,
-              split: str) -> tuple[np.ndarray, list[int]]:
-        """(N, 32, 32, 3) uint8 pixels and N labels of the batches `parts`."""
-        pixels, labels = [], []
-        for part in parts:
-            loaded = self.batch(part)
-            data = np.asarray(self.entry(part, loaded, "data"))  # (n, 3072): R, G, B planes
-            if data.ndim != 2 or data.shape[1] != 3072 or data.dtype.kind not in "ui" or (
-                    data.size and (data.min() < 0 or data.max() > 255)):
-                raise SourceError(f"{self.root}: {part}: 'data' is {data.dtype} of shape "
-                                  f"{data.shape}, expected uint8 rows of 3072 (3x32x32)")
-            part_labels = self.entry(part, loaded, label_key)
-            try:
-                part_labels = [int(label) for label in part_labels]
-            except (TypeError, ValueError):
-                raise SourceError(f"{self.root}: {part}: {label_key} is not a list of "
-                                  "integers") from None
-            if len(part_labels) != len(data):
-                raise SourceError(f"{self.root}: {part}: {len(part_labels)} labels for "
-                                  f"{len(data)} images")
-            pixels.append(data.astype(np.uint8))
-            labels += part_labels
-        _check_labels(labels, num_classes, f"{self.variant} {split}")
-        return np.concatenate(pixels).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles plain data and numpy arrays only: a CIFAR batch from the internet cannot run
-    code (any other global is refused)."""
-
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {
-        (f"numpy.{core}.{module}", name) for core in ("core", "_core")
-        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
-                             ("numeric", "_frombuffer"))}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-def _cifar_pickle(data: bytes, where: str) -> dict:
-    """One CIFAR batch as a dict with str keys."""
-    try:
-        loaded = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as error:  # any unpickling failure means the same thing here
-        raise SourceError(f"{where} is not a CIFAR pickle ({error})") from None
-    if not isinstance(loaded, dict):
-        raise SourceError(f"{where} is not a CIFAR pickle (a {type(loaded).__name__}, not a "
-                          "dict)")
-    return {k.decode("latin-1") if isinstance(k, bytes) else str(k): v
-            for k, v in loaded.items()}
-
-
-def _cifar_files(root: str, variant: str) -> dict[str, bytes]:
-    """The archive's files by base name, from a .tar.gz or a folder (holding `variant`/)."""
-    path = Path(root)
-    if path.is_file():
-        try:
-            with tarfile.open(path) as archive:
-                return {Path(m.name).name: archive.extractfile(m).read()
-                        for m in archive.getmembers() if m.isfile()}
-        except tarfile.TarError as error:
-            raise SourceError(f"{path}: not a CIFAR python archive ({error})") from None
-    folder = _existing_dir(root, f"data.root (the CIFAR archive or the folder holding {variant})")
-    if (folder / variant).is_dir():
-        folder = folder / variant
-    return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
-
-
-def _split_lists(params: DataParams, rng: np.random.Generator) -> SourceData:
+def split_lists(params: DataParams, rng: np.random.Generator) -> SourceData:
     """ImageNet-LT / iNaturalist-18 / Places-LT lists: `relative/path label` per line."""
-    root = _existing_dir(params.root, "data.root (the folder the list paths are relative to)")
+    root = existing_dir(params.root, "data.root (the folder the list paths are relative to)")
     lists = {"train": params.train_list, "val": params.val_list, "test": params.test_list}
     if not params.train_list or not params.test_list:
         raise SourceError("data.train_list and data.test_list are required for split_lists")
@@ -420,18 +267,9 @@ def _names_from_folders(entries, num_classes: int) -> list[str]:
             else str(c) for c in range(num_classes)]
 
 
-def _check_labels(labels: list[int], num_classes: int, where: str) -> None:
-    bad = [label for label in labels if not 0 <= label < num_classes]
-    if bad:
-        raise SourceError(f"{where}: label {bad[0]} is outside 0..{num_classes - 1}")
-
-
-def _existing_dir(path: str, what: str) -> Path:
-    if not path:
-        raise SourceError(f"{what} is not set in params.yaml")
-    if not Path(path).is_dir():
-        raise SourceError(f"{path}: folder not found; check {what}")
-    return Path(path)
+# The functions DATA_SOURCES' entries name, by those names.
+LOADERS = {"digits_lt": digits_lt, "glyphs_lt": glyphs_lt, "image_folder": image_folder,
+           "split_lists": split_lists, "cifar_lt": cifar_lt}
 
 
 # ---------------------------------------------------------------------------------------------

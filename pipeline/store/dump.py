@@ -27,13 +27,14 @@ from pipeline.errors import UserError
 from pipeline.locks import exclusive_writer
 from pipeline.storage import storage_errors
 from pipeline.train.priors import ClassPriorAccumulator
-from pipeline.params import Params
+from pipeline.params import Params, ParamsError, topk_problems
 from pipeline.data.manifest import file_sha256, load_manifest
 from pipeline.store import (TAIL_FIT_ROWS, TailBasis, check_image_sides, completed_shards,
                             create_prior_partials, create_store, drop_prior_partials,
                             finalize_store, fit_tail_basis, has_tail, identity, open_existing,
                             reduce_prior_partials, store_identity, verify_store,
                             write_prior_partials, write_shard, write_tail_basis)
+from pipeline.store.encoding import first_non_finite
 from pipeline.store.swap import leftovers, remove_store, swap_in
 from pipeline.store.tail import tail_components
 from pipeline.stream.loader import Shard, read_shard, split_shards
@@ -54,8 +55,9 @@ def dump_logits(params: Params, teacher_name: str, shards_dir: str, checkpoint: 
     shards = split_shards(shards_dir, manifest, "train")
     settings, spec = params.logits, crop_spec(params.augment)
     num_classes = manifest["num_classes"]
-    if settings.topk > num_classes:
-        raise UserError(f"logits.topk: {settings.topk} exceeds the {num_classes} classes")
+    # A change of logits.topk reruns the dump alone: the teacher run's check saw other params.
+    if problems := topk_problems(settings, num_classes, shards_dir):
+        raise ParamsError(problems)
     ranks = distributed()
     teacher, state = load_model(checkpoint)
     trained_size = state["params"]["train"]["image_size"]
@@ -269,9 +271,8 @@ def _dump_shard(group, index: int, shard: Shard, teacher, params: Params, spec: 
 def _check_finite(logits: torch.Tensor, rows, view: int, urls) -> None:
     """Stop on NaN or Inf teacher logits (n, C), naming the first row, the view and the row's
     shard (urls: one per row, or one for all)."""
-    bad = ~torch.isfinite(logits).all(dim=1)
-    if bad.any():
-        first = int(bad.nonzero()[0, 0])
+    if (where := first_non_finite(logits.numpy())) is not None:
+        first = where[0]
         url = urls if isinstance(urls, str) else urls[first]
         raise UserError(f"teacher logits are NaN or Inf at row {int(rows[first])}, view {view} "
                         f"({url}); check the teacher checkpoint")

@@ -73,12 +73,11 @@ def encode_logits(logits: np.ndarray, topk: int,
     logits: (..., C) float (float32 from the teacher; computed in float64 here). Returns
     topk_codes (..., k) uint16, topk_classes (..., k) class ids, logsumexp (...,) float32 and,
     with a `tail_basis` (a quantised tail), tail_coefficients (..., r) int8 and tail_residuals
-    (..., C) uint16. Raises UserError on a non-finite logit.
+    (..., C) uint16. The logits must be finite (`first_non_finite`; write_shard refuses
+    others, naming the row and view).
     """
     logits = np.asarray(logits, dtype=np.float64)
     num_classes = logits.shape[-1]
-    if not np.isfinite(logits).all():
-        raise UserError("teacher logits are NaN or Inf; check the teacher checkpoint")
     peak = logits.max(axis=-1, keepdims=True)
     logsumexp = (peak + np.log(np.exp(logits - peak).sum(-1, keepdims=True)))[..., 0]
     log_probs = logits - logsumexp[..., None]  # (..., C) float64, <= 0 up to rounding
@@ -93,6 +92,16 @@ def encode_logits(logits: np.ndarray, topk: int,
         encoded = encode_tail(log_probs.reshape(-1, num_classes), tail_basis)
         fields.update({name: value.reshape(*batch_shape, -1) for name, value in encoded.items()})
     return fields
+
+
+def first_non_finite(values: np.ndarray) -> tuple[int, ...] | None:
+    """The index over all but the last axis of the first NaN or Inf in `values`, e.g. (view,
+    row) of (V, n, C) logits, or None when all are finite: the one test of teacher logits, used
+    by the dump (naming the shard file) and by write_shard (naming the global row)."""
+    bad = ~np.isfinite(values).all(axis=-1)
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.argwhere(bad)[0])
 
 
 def _to_float16_log_probs(log_probs: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.store.encoding import class_id_dtype
+from pipeline.store.encoding import TAILS, class_id_dtype
 from pipeline.store.tail import TailBasis, coefficient_dtype
 
 MARKERS = "shard_complete"  # (num_shards,) bool, one object per shard, set after its data
@@ -136,7 +136,7 @@ _SCHEMA: list[tuple[str, str, Any]] = [
     ("shard_rows", "an integer >= 1", lambda v, a: _is_int(v) and v >= 1),
     ("num_shards", "ceil(rows / shard_rows)",
      lambda v, a: v == math.ceil(a["rows"] / a["shard_rows"])),
-    ("tail", "'none' or 'quantized'", lambda v, a: v in ("none", "quantized")),
+    ("tail", "'none' or 'quantized'", lambda v, a: v in TAILS),
     ("tail_components", "an integer in [0, num_classes]",
      lambda v, a: _is_int(v) and 0 <= v <= a["num_classes"] and (v > 0) == has_tail(a)),
     ("class_names", "a list of num_classes names",
@@ -150,15 +150,23 @@ _SCHEMA: list[tuple[str, str, Any]] = [
 ]
 
 
+def schema_problem(attrs: dict) -> str | None:
+    """The first attribute that breaks the schema, in words, or None: checked when a store is
+    created (`store_identity`) and on every open (`validate_attributes`), so a store made by
+    any writer, or edited since, is held to the same rules (topk <= num_classes, ...)."""
+    for key, wanted, test in _SCHEMA:
+        if key not in attrs or not test(attrs[key], attrs):
+            found = short_repr(attrs.get(key, "nothing"))
+            return f"attribute {key!r} should be {wanted}, found {found}"
+    return None
+
+
 def validate_attributes(path: str, attrs: dict, group) -> None:
     """Refuse a store whose attributes break the schema, disagree with its arrays' shapes or
     dtypes, or were edited after the dump, naming what is wrong (StoreCorruptError)."""
-    for key, wanted, test in _SCHEMA:
-        if key not in attrs or not test(attrs[key], attrs):
-            raise StoreCorruptError(
-                f"logit store {path}: attribute {key!r} should be {wanted}, found "
-                f"{attrs.get(key, 'nothing')!r}; the store is damaged: delete it and rerun "
-                "dump_logits")
+    if problem := schema_problem(attrs):
+        raise StoreCorruptError(f"logit store {path}: {problem}; the store is damaged: delete it "
+                                "and rerun dump_logits")
     expected = {name: shape for name, (shape, _) in row_array_specs(attrs).items()}
     if has_tail(attrs) and (attrs.get("complete") or "tail_mean" in group):
         expected.update({"tail_mean": (attrs["num_classes"],),

@@ -19,13 +19,13 @@ import zarr.errors
 from pipeline.errors import UserError
 from pipeline.store.encoding import (
     DEFAULT_MAX_IMAGE_SIDE, FORMAT_VERSION, LOGSUMEXP_KEEPBITS, TAILS, array_codecs, box_scale,
-    class_id_dtype, encode_boxes, encode_logits)
+    class_id_dtype, encode_boxes, encode_logits, first_non_finite)
 from pipeline.store.tail import TAIL_STEP, TailBasis, tail_components
 from pipeline.store.layout import (
     ATTRIBUTES_CHECKSUM, CHECKSUMS, LABEL_CHECKSUMS, MARKERS, PRIOR_GROUP, STATE_ATTRIBUTES,
     StoreMismatchError, attributes_checksum, chunk_checksum, damaged_metadata, has_tail,
     json_normalise, num_shards_for, prior_name, read_tail_basis, row_array_specs,
-    shard_bounds, short_repr, view_arrays)
+    schema_problem, shard_bounds, short_repr, view_arrays)
 
 # Attributes the caller of `create_store` must supply (the store adds the shape attributes).
 REQUIRED_ATTRIBUTES = (
@@ -101,13 +101,12 @@ def store_identity(*, rows: int, views: int, topk: int, num_classes: int, shard_
                    tail: str, attributes: dict) -> dict:
     """The full attributes (minus write state) of a store created with these arguments; the
     dump compares them with an existing store's `identity` to decide to resume, keep or rebuild.
-    Raises ValueError on bad arguments (see `create_store`)."""
+    Raises ValueError on bad arguments (see `create_store`), and on attributes the store's
+    schema (pipeline/store/layout.py, checked again on every open) refuses, e.g. topk > C."""
     for name, value in dict(rows=rows, views=views, topk=topk, num_classes=num_classes,
                             shard_rows=shard_rows).items():
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if topk > num_classes:
-        raise ValueError(f"topk={topk} exceeds num_classes={num_classes}")
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     missing = [key for key in REQUIRED_ATTRIBUTES if key not in attributes]
@@ -117,11 +116,6 @@ def store_identity(*, rows: int, views: int, topk: int, num_classes: int, shard_
                 if key in SHAPE_ATTRIBUTES + STATE_ATTRIBUTES + (ATTRIBUTES_CHECKSUM,)]
     if reserved:
         raise ValueError(f"attributes {reserved} are set by the store itself; do not pass them")
-    if len(attributes["class_names"]) != num_classes:
-        raise ValueError(f"class_names has {len(attributes['class_names'])} names "
-                         f"but num_classes={num_classes}")
-    if not isinstance(attributes["augmentation"], dict):
-        raise ValueError("attribute 'augmentation' must be a dict (the augmentation spec)")
     max_image_side = attributes.get("max_image_side", DEFAULT_MAX_IMAGE_SIDE)
     try:
         box_scale(max_image_side)
@@ -135,6 +129,8 @@ def store_identity(*, rows: int, views: int, topk: int, num_classes: int, shard_
         "tail_components": (tail_components(num_classes)
                             if tail == "quantized" and topk < num_classes else 0),
         "encoding": encoding_attributes(max_image_side)})
+    if problem := schema_problem(wanted):
+        raise ValueError(f"cannot create the logit store: {problem}")
     return {**wanted, ATTRIBUTES_CHECKSUM: attributes_checksum(wanted)}
 
 
@@ -283,9 +279,8 @@ def _check_values(shard_index: int, start: int, num_classes: int, logits: np.nda
                   boxes: np.ndarray, labels: np.ndarray) -> None:
     """Refuse values that would poison training; messages name the global row and view."""
     for name, array in (("logits", logits), ("boxes", boxes)):
-        bad = ~np.isfinite(array)
-        if bad.any():
-            view, row = _first_bad(bad)[:2]
+        if (where := first_non_finite(array)) is not None:  # (V, n, C) logits, (V, n, 4) boxes
+            view, row = where
             raise ValueError(f"shard {shard_index}: non-finite {name} at global row "
                              f"{start + row}, view {view}; check the teacher's outputs")
     if ((labels < 0) | (labels >= num_classes)).any():

@@ -27,6 +27,8 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from pipeline.params import CROP_RANGE
+
 GENERATOR = "philox4x64-rrc-v1"  # recorded with the spec: names the block layout below
 WORDS_PER_VIEW = 24  # 10 area + 10 log-ratio uniforms, top, left, flip, 1 spare
 _AREA, _RATIO, _TOP, _LEFT, _FLIP = slice(0, 10), slice(10, 20), 20, 21, 22
@@ -57,9 +59,10 @@ class CropSpec:
         object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
         object.__setattr__(self, "ratio", tuple(float(v) for v in self.ratio))
         object.__setattr__(self, "flip_probability", float(self.flip_probability))
-        for name, (low, high) in (("scale", self.scale), ("ratio", self.ratio)):
-            if not 0 < low <= high:
-                raise ValueError(f"CropSpec.{name}: expected 0 < low <= high, got {(low, high)}")
+        wanted, is_range = CROP_RANGE  # the rule params checks augment.crop_* against
+        for name, value in (("scale", self.scale), ("ratio", self.ratio)):
+            if not is_range(value):
+                raise ValueError(f"CropSpec.{name}: expected {wanted}, got {list(value)}")
         if not 0 <= self.flip_probability <= 1:
             raise ValueError(f"CropSpec.flip_probability: expected a value in [0, 1], "
                              f"got {self.flip_probability}")
