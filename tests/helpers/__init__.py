@@ -1,5 +1,7 @@
-"""The tests' one tiny world: one params builder (`toy_raw_params`, every toy params file is it
-with overrides) and the two tiny data sets it points at, plus what tests share to build on them.
+"""The tests' one tiny world: one params builder (`toy_raw_params`: the params of every test that
+runs a stage's work on data, with overrides) and the two tiny data sets it points at, plus what
+tests share to build on them. (Tests of params parsing and of one source write their own few
+keys: they test the file, not a run.)
 
 - digits-LT at 16 px (`DIGITS`, the builder's default): the embedded data, 86 train rows of 10
   classes in shards of 16 (5 full and a short one of 6), nothing to generate on disk.
