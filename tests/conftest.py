@@ -1,17 +1,69 @@
-"""Tiny generated data sets in the formats the sources read."""
+"""The shared fixtures: the tiny world of helpers (a prepared data set, a trained teacher, a
+real stage one, an S3 server), each built once per test module that asks for it, and tiny data
+sets in the formats the sources read."""
 
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+import torch
+
+from helpers import (NUM_SHARDS, TRAIN_ROWS, StageOneData, digits_params, image_folder_raw_params,
+                     make_image_folder, params_from, prepare_digits, save_image)
+from helpers.s3 import s3_server
+from pipeline.data.shards import prepare_shards
 
 
-def save_image(path, rng, size=(20, 16), fmt="JPEG"):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path, format=fmt)
+@pytest.fixture(scope="module")
+def stage_one_data(tmp_path_factory) -> StageOneData:
+    """The image folder prepared into shards (26 train rows in 4 shards), and its params."""
+    root = tmp_path_factory.mktemp("stage_one")
+    make_image_folder(root / "images")
+    raw = image_folder_raw_params(root / "images")
+    params = params_from(raw)
+    manifest = prepare_shards(params.data, params.seed, root / "shards")
+    assert manifest["splits"]["train"]["rows"] == TRAIN_ROWS
+    assert len(manifest["splits"]["train"]["shards"]) == NUM_SHARDS
+    return StageOneData(root, raw, params, root / "shards", manifest)
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(stage_one_data) -> Path:
+    """checkpoint.pt of the image folder's teacher (2 epochs of CE)."""
+    from pipeline.train.runs import train_teacher
+
+    out = stage_one_data.root / "teacher"
+    torch.manual_seed(0)
+    train_teacher(stage_one_data.params, "teacher", str(stage_one_data.shards_dir), str(out),
+                  str(stage_one_data.root / "teacher_live"))
+    return out / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def digits_stage_one(tmp_path_factory):
+    """(shards_dir, manifest, teacher checkpoint, store path) of a real stage one on the digits:
+    prepare, a 1-epoch resnet8 teacher, dump_logits with k = C = 10 at the student's size."""
+    from pipeline.store.dump import dump_logits
+    from pipeline.train.loop import CHECKPOINT
+    from pipeline.train.runs import train_teacher
+
+    root = tmp_path_factory.mktemp("stage_one")
+    shards_dir, params = str(root / "shards"), digits_params()
+    manifest = prepare_digits(shards_dir)
+    train_teacher(params, "teacher", shards_dir, str(root / "teacher"), str(root / "live"))
+    checkpoint = str(root / "teacher" / CHECKPOINT)
+    store_path = str(root / "teacher.zarr")
+    dump_logits(params, "teacher", shards_dir, checkpoint, store_path)
+    return shards_dir, manifest, checkpoint, store_path
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 API on 127.0.0.1 (helpers.s3) with a fresh bucket, for the module."""
+    with s3_server() as server:
+        yield server
 
 
 @pytest.fixture

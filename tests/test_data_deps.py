@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from helpers_stage_one import make_image_folder, toy_raw_params
+from helpers import image_folder_raw_params, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
@@ -32,7 +32,7 @@ def dvc_project(work: Path, data: dict) -> Path:
     (work / "data").mkdir()
     for name in ("dvc.yaml", UNUSED, "data/.gitignore"):
         shutil.copy2(REPO / name, work / name)
-    raw = toy_raw_params("unused")
+    raw = image_folder_raw_params("unused")
     raw["data"] = {**raw["data"], **data}
     (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for command in (["git", "init", "-q"], [*DVC, "init", "-q"]):

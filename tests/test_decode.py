@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers_jpeg import (SIZE, dump_and_replay, jpeg_layout, jpeg_sample, textured,
+from helpers.jpeg import (SIZE, dump_and_replay, jpeg_layout, jpeg_sample, textured,
                           train_image_sizes)
 from pipeline.stream.augment import (DECODE, apply_view, apply_view_drafted, draft_scale,
                               draw_views, pixel_box)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers_jpeg import (SIZE, dump_and_replay, jpeg_layout, jpeg_sample, textured,
+from helpers.jpeg import (SIZE, dump_and_replay, jpeg_layout, jpeg_sample, textured,
                           train_image_sizes)
-from helpers_stage_one import params_from, with_changes
+from helpers import params_from, with_changes
 from pipeline.stream.augment import DECODE, apply_view, draft_scale, draw_views
 from pipeline.stream.device_decode import (DEVICE_DECODE, batch_pixels, decode_on_device,
                                     decode_path, decode_summary, device_views, warn_if_decoded_elsewhere,

@@ -6,20 +6,17 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 import zarr
 
-from helpers_stage_one import (TRAIN_ROWS, stage_one_data, teacher_checkpoint,  # noqa: F401
-                               write_params_file)
+from helpers import TRAIN_ROWS, digits_params, write_params_file
 from pipeline.store.dump import dump_logits
 from pipeline.params import to_dict
 from pipeline.store import open_store
 from pipeline.stream.views import ViewSource
 from pipeline.stream.loader import rank_segments, split_shards, train_loader
 from pipeline.train.loop import load_checkpoint
-from test_student import stage_one, tiny_params  # noqa: F401 (fixture)
 
 
 def torchrun(*args, ok=True):
@@ -210,15 +207,15 @@ def rows_per_epoch(records):
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_one_rank_and_two_ranks_take_the_same_steps_on_the_same_rows(stage_one, tmp_path,
-                                                                     drop_last):
+def test_one_rank_and_two_ranks_take_the_same_steps_on_the_same_rows(digits_stage_one,
+                                                                     tmp_path, drop_last):
     """batch_size is the global batch: 32 on one rank = 16 + 16 on two. 86 rows: ceil(86/32) =
     ceil(43/16) = 3 steps, or 2 with drop_last (floor of both). Student IKL with the previous
     epoch's GI prior, which is all-reduced over the ranks."""
-    params = tiny_params(loss="ikl", epochs=2, batch_size=32, drop_last=drop_last, ikl={
+    params = digits_params(loss="ikl", epochs=2, batch_size=32, drop_last=drop_last, ikl={
         "weights": "class_prior", "prior": "previous_epoch", "weight_temperature": 1.0})
-    one, one_state = run_recorded(tmp_path, "one", params, stage_one, ranks=1)
-    two, two_state = run_recorded(tmp_path, "two", params, stage_one, ranks=2)
+    one, one_state = run_recorded(tmp_path, "one", params, digits_stage_one, ranks=1)
+    two, two_state = run_recorded(tmp_path, "two", params, digits_stage_one, ranks=2)
     steps = 2 if drop_last else 3
     assert one[0]["steps_per_epoch"] == two[0]["steps_per_epoch"] == two[1]["steps_per_epoch"]
     assert one[0]["steps_per_epoch"] == steps
@@ -240,10 +237,11 @@ def test_one_rank_and_two_ranks_take_the_same_steps_on_the_same_rows(stage_one, 
                                    one_state["class_prior"]["prior"], rtol=0, atol=1e-6)
 
 
-def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(stage_one, tmp_path):
-    params = tiny_params(loss="kl", batch_size=33)
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(digits_stage_one,
+                                                                       tmp_path):
+    params = digits_params(loss="kl", batch_size=33)
     raw = json.loads(json.dumps(to_dict(params)))
-    shards_dir, _, checkpoint, store_path = stage_one
+    shards_dir, _, checkpoint, store_path = digits_stage_one
     result = torchrun("stages/train_student.py", "--params",
                       write_params_file(tmp_path / "p.yaml", raw), "--shards", shards_dir,
                       "--store", store_path, "--teacher-checkpoint", checkpoint,
@@ -253,15 +251,16 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(stage_one,
             in result.stdout + result.stderr)
 
 
-def test_a_stage_outside_torchrun_launches_runtime_devices_ranks_as_torchrun_would(stage_one,
-                                                                                  tmp_path):
+def test_a_stage_outside_torchrun_launches_runtime_devices_ranks_as_torchrun_would(
+        digits_stage_one, tmp_path):
     """`runtime.devices: 2` on a CPU: plain `python stages/train_student.py` launches 2 gloo
     ranks itself (pipeline.launch), which train on the same rows, step for step, to the same
     weights as `torchrun --nproc_per_node 2`."""
-    params = tiny_params(loss="ikl", epochs=1, batch_size=32)
-    by_torchrun, torchrun_state = run_recorded(tmp_path, "torchrun", params, stage_one, ranks=2)
-    launched, launched_state = run_recorded(tmp_path, "launched", params, stage_one, ranks=2,
-                                            runtime={"devices": 2})
+    params = digits_params(loss="ikl", epochs=1, batch_size=32)
+    by_torchrun, torchrun_state = run_recorded(tmp_path, "torchrun", params, digits_stage_one,
+                                               ranks=2)
+    launched, launched_state = run_recorded(tmp_path, "launched", params, digits_stage_one,
+                                            ranks=2, runtime={"devices": 2})
     assert launched == by_torchrun and len(launched) == 2
     assert launched[0]["epochs"] != launched[1]["epochs"]  # two ranks, each its own rows
     assert launched_state["epoch"] == torchrun_state["epoch"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from helpers_stage_one import params_from, stage_one_data, teacher_checkpoint, with_changes  # noqa: F401
+from helpers import params_from, with_changes
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))

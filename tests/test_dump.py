@@ -18,9 +18,8 @@ import zarr
 from click.testing import CliRunner
 
 import pipeline.store.dump
-from helpers_stage_one import (  # noqa: F401 (fixtures)
-    NUM_SHARDS, SHARD_SIZE, TRAIN_ROWS, params_from, stage_one_data, teacher_checkpoint,
-    train_samples, with_changes, write_params_file)
+from helpers import (NUM_SHARDS, SHARD_SIZE, TRAIN_ROWS, params_from, train_samples, with_changes,
+                     write_params_file)
 from pipeline.stream.augment import CropSpec, apply_view, draw_views, normalize, pixel_box
 from pipeline.tools.cli import cli
 from pipeline.train.checkpoints import save_checkpoint

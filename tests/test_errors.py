@@ -12,7 +12,7 @@ import torch
 import webdataset as wds
 from click.testing import CliRunner
 
-from conftest import save_image
+from helpers import save_image
 from pipeline.train.runs import train_teacher
 from pipeline.errors import UserError
 from pipeline.params import Params, ParamsError, load_params, parse

@@ -17,7 +17,7 @@ from pipeline.params import EvaluateParams, Params, TrainParams
 from pipeline.data.manifest import file_sha256
 from pipeline.stream.loader import eval_loader, split_shards
 from stages.evaluate import main as evaluate_stage
-from test_stream import IMAGE_SIZE, prepare_tiny_shards
+from helpers import IMAGE_SIZE, prepare_digits
 
 # Six classes straddling the default thresholds (many > 100 >= medium >= 20 > few).
 TRAIN_COUNTS = [150, 101, 100, 20, 19, 5]
@@ -179,7 +179,7 @@ def test_write_report_files(tmp_path):
 def shards(tmp_path_factory):
     """Train counts 162 .. 16 (many, medium and few all present), 10 test images per class."""
     out = tmp_path_factory.mktemp("evaluate") / "shards"
-    return str(out), prepare_tiny_shards(out, test_per_class=10)
+    return str(out), prepare_digits(out, test_per_class=10)
 
 
 def save_checkpoint(path, manifest, seed=0):

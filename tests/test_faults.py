@@ -16,8 +16,7 @@ import zarr.storage._local
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers_stage_one import (  # noqa: F401 (fixtures)
-    stage_one_data, teacher_checkpoint, with_changes, params_from, write_params_file)
+from helpers import params_from, with_changes, write_params_file
 from pipeline.errors import UserError
 from pipeline.store import StoreCorruptError, open_store, verify_store
 from pipeline.store.dump import dump_logits

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_stage_one import (TRAIN_ROWS, params_from, stage_one_data,  # noqa: F401
-                               teacher_checkpoint, with_changes)
+from helpers import TRAIN_ROWS, params_from, with_changes
 from pipeline.train.runs import train_student
 from pipeline.store.dump import dump_logits
 from pipeline.data.manifest import load_manifest

@@ -15,7 +15,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from conftest import save_image
+from helpers import save_image
 from pipeline.errors import UserError
 from pipeline.data.images import viewer_rgb
 from pipeline.params import DataParams

@@ -13,7 +13,7 @@ from pipeline.tools.inspect import coverage_stats, inspect_command, topk_mass, v
 from pipeline.store import (CHECKSUMS, create_store, finalize_store, fit_tail_basis, open_store,
                             shard_bounds, verify_store, write_shard, write_tail_basis)
 from pipeline.store.tail import TAIL_STEP, tail_components
-from test_stream import prepare_tiny_shards
+from helpers import prepare_digits
 
 ROWS, VIEWS, TOPK, CLASSES, SHARD_ROWS = 25, 2, 3, 4, 10
 CLASS_NAMES = ["cat", "dog", "eel", "fox"]
@@ -199,7 +199,7 @@ def prepared(tmp_path_factory):
     """(manifest.json path, manifest) of tiny prepared shards: --manifest checks the tar
     shards beside it too."""
     out = tmp_path_factory.mktemp("inspect") / "shards"
-    manifest = prepare_tiny_shards(out)
+    manifest = prepare_digits(out)
     return out / "manifest.json", manifest
 
 

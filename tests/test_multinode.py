@@ -12,8 +12,7 @@ import uuid
 import pytest
 import zarr
 
-from helpers_stage_one import (TRAIN_ROWS, stage_one_data, teacher_checkpoint,  # noqa: F401
-                               with_changes, write_params_file)
+from helpers import TRAIN_ROWS, with_changes, write_params_file
 from pipeline.store.dump import dump_logits
 from pipeline.train.loop import load_checkpoint
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import save_image
+from helpers import save_image
 from pipeline.data.shards import prepare_shards
 from pipeline.params import ParamsError, data_problems, load_params, parse, Params
 from pipeline.train.runs import train_teacher

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from helpers import DIGITS, TRAIN, toy_raw_params
 from pipeline.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,21 +23,17 @@ TIMEOUT = 480  # seconds per dvc command: a hung stage fails the test instead of
 # Outputs of a previous run in the working tree: the copy must produce its own.
 RUN_OUTPUTS = ("dvc.lock", "results/", "figures/")
 
-TRAIN = {"arch": "resnet8", "image_size": 16, "epochs": 1, "batch_size": 32, "workers": 0}
-TINY_PARAMS = {
-    "seed": 0,
-    "data": {"source": "digits_lt", "image_size": 16, "val_per_class": 2, "test_per_class": 150,
-             "shard_size": 32, "workers": 0, **{key: "data/embedded.md" for key in (
-                 "root", "train_list", "val_list", "test_list")}},
-    "teachers": {"teacher": dict(TRAIN), "baseline": dict(TRAIN)},  # no YAML aliases
-    "augment": {"crop_scale": [0.35, 1.0], "flip_probability": 0.0},
+# The toy world on the digits in shards of 32, with a second teacher (the baseline), and every
+# key a stage lists in dvc.yaml in the params file (DVC refuses otherwise).
+TINY_PARAMS = toy_raw_params(
+    {**DIGITS, "shard_size": 32, **{key: "data/embedded.md" for key in (
+        "root", "train_list", "val_list", "test_list")}},
+    teachers={"baseline": TRAIN},
+    augment={"flip_probability": 0.0},
     # k < C with the quantised tail, as params.yaml: the IKL student needs every class's logit
-    "logits": {"views": 2, "topk": 5, "tail": "quantized", "image_size": 16, "batch_size": 64,
-               "prior_temperatures": [1.0, 100.0]},
-    "student": {**TRAIN, "teacher": "teacher", "loss": "ikl", "decode": "auto"},
-    # every key a stage lists in dvc.yaml must be in the params file (DVC refuses otherwise)
-    "evaluate": {"batch_size": 256, "every_epoch_on_test": False},
-}
+    logits={"topk": 5},
+    student={"decode": "auto"},
+    evaluate={"batch_size": 256, "every_epoch_on_test": False})
 ALL_STAGES = {"prepare", "train_teacher@teacher", "train_teacher@baseline",
               "dump_logits@teacher", "dump_logits@baseline", "train_student",
               "evaluate_teacher@teacher", "evaluate_teacher@baseline", "evaluate_student",

@@ -1,17 +1,20 @@
 """PNG figures that open offline: written by the evaluate and figures stages, declared as
-image plots in dvc.yaml, and free of any reference to a remote URL."""
+image plots in dvc.yaml, and free of any reference to a remote URL; the committed ones are those
+dvc.lock records, one drawn panel per model."""
 
+import hashlib
 import re
 from pathlib import Path
 
+import numpy as np
 import yaml
 from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.params import EvaluateParams
 from pipeline import tools
-from pipeline.tools.plots import (plot_per_class, plot_training_curves, read_curve, read_per_class,
-                                 read_reliability)
+from pipeline.tools.plots import (DPI, PANEL_SIZE, plot_per_class, plot_training_curves,
+                                  read_curve, read_per_class, read_reliability)
 from stages.figures import main as figures_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +49,20 @@ def assert_offline_png(path: Path) -> None:
         assert "Software" not in image.info  # matplotlib's would carry its URL
 
 
+def assert_panels_drawn(path: Path, panels: int) -> None:
+    """The figure is `panels` panels of PANEL_SIZE side by side, each showing data: coloured
+    pixels (axes, text and grid lines are grey; an empty panel has none, a model's 10 points
+    about 400)."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)  # (H, W, 3)
+    width, height = (round(side * DPI) for side in PANEL_SIZE)
+    assert pixels.shape[:2] == (height, panels * width), path
+    coloured = pixels.max(-1) - pixels.min(-1) > 60  # (H, W)
+    for panel in range(panels):
+        drawn = coloured[:, panel * width:(panel + 1) * width].sum()
+        assert drawn > 100, f"{path}: panel {panel + 1} of {panels} shows no data ({drawn} px)"
+
+
 def test_figures_stage_writes_offline_pngs(tmp_path):
     results = tmp_path / "results"
     write_results(results, "teacher", [98, 100, 96, 98, 94, 96, 92, 88, 84, 80], epochs=5)
@@ -66,6 +83,8 @@ def test_figures_stage_writes_offline_pngs(tmp_path):
         assert_offline_png(path)
     with Image.open(written[0]) as image:  # three models + the reliability panel in a row
         assert image.size[0] > 3.5 * image.size[1]
+    assert_panels_drawn(written[0], 4)
+    assert_panels_drawn(written[1], 2)  # loss and top-1
 
 
 def test_figures_stage_needs_results(tmp_path):
@@ -131,8 +150,39 @@ def test_dvc_yaml_declares_every_png_as_an_uncached_plot():
                     "figures/training_curves.png": ("plots", False)}
 
 
-def test_committed_figures_reference_nothing_remote():
-    """The PNGs committed with the results (written by `dvc repro`) open offline too."""
-    committed = sorted(REPO.glob("figures/*.png")) + sorted(REPO.glob("results/*/*.png"))
-    for path in committed:
+def declared_pngs(teachers: list[str]) -> set[str]:
+    """The PNG paths dvc.yaml declares, its foreach stages expanded over `teachers`."""
+    paths = set()
+    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        keys = [None]
+        if "foreach" in stage:
+            assert stage["foreach"] == "${teachers}"
+            stage, keys = stage["do"], teachers
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                if path.endswith(".png"):
+                    paths |= {path.replace("${key}", key or "") for key in keys}
+    return paths
+
+
+def test_committed_figures_are_the_recorded_runs_and_open_offline():
+    """The PNGs committed with the results (written by `dvc repro`): every one dvc.yaml declares
+    for params.yaml's models is there, byte for byte the file dvc.lock records (not a stale one),
+    opens offline, and shows one drawn panel per model (+ the reliability panel)."""
+    teachers = list(yaml.safe_load((REPO / "params.yaml").read_text())["teachers"])
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    recorded = {out["path"]: out["md5"] for stage in lock.values()
+                for out in stage.get("outs", []) if out["path"].endswith(".png")}
+    assert set(recorded) == declared_pngs(teachers)
+    assert len(recorded) == len(teachers) + 1 + 2  # each model's per_class.png + the figures
+    for name, md5 in sorted(recorded.items()):
+        path = REPO / name
+        assert path.is_file(), f"{name}: missing; run `dvc repro` and commit what it writes"
+        assert hashlib.md5(path.read_bytes()).hexdigest() == md5, (
+            f"{name}: not the file dvc.lock records; commit the PNG with its dvc.lock")
         assert_offline_png(path)
+    for model in (*teachers, "student"):
+        assert_panels_drawn(REPO / f"results/{model}/per_class.png", 2)  # + reliability
+    assert_panels_drawn(REPO / "figures/per_class.png", len(teachers) + 2)
+    assert_panels_drawn(REPO / "figures/training_curves.png", 2)

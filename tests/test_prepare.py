@@ -6,7 +6,7 @@ import pytest
 import webdataset as wds
 from click.testing import CliRunner
 
-from conftest import save_image
+from helpers import save_image
 from pipeline.params import DataParams
 from pipeline.data.shards import prepare_shards
 from pipeline.data.manifest import load_manifest

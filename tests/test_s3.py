@@ -19,9 +19,8 @@ import zarr
 from click.testing import CliRunner
 
 import pipeline.store.dump
-from helpers_s3 import fresh_s3fs, s3  # noqa: F401 (fixture)
-from helpers_stage_one import (TRAIN_ROWS, params_from, stage_one_data,  # noqa: F401
-                               with_changes, write_params_file)
+from helpers.s3 import fresh_s3fs
+from helpers import TRAIN_ROWS, params_from, with_changes, write_params_file
 from pipeline.locks import LockedError, exclusive_writer
 from pipeline.store import open_store
 from pipeline.store.dump import dump_logits

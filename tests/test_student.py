@@ -1,9 +1,10 @@
 """train_student (pipeline.train.runs) end to end on tiny digits-LT shards, against a real dump.
 
-One module fixture runs stage one for real on 86 rows: prepare, a 1-epoch resnet8 teacher,
-dump_logits with k = C = 10 and the teacher's image size equal to the student's, so the cache is
-exact up to float16 storage and can be compared with the live teacher; a second dump keeps the
-top-2 and the quantised tail, which must come back within TAIL_STEP / 2.
+One module fixture (conftest's digits_stage_one) runs stage one for real on 86 rows: prepare,
+a 1-epoch resnet8 teacher, dump_logits with k = C = 10 and the teacher's image size equal to the
+student's, so the cache is exact up to float16 storage and can be compared with the live
+teacher; a second dump keeps the top-2 and the quantised tail, which must come back within
+TAIL_STEP / 2.
 """
 
 import json
@@ -17,7 +18,7 @@ import pipeline.train.runs
 
 from pipeline.stream.augment import normalize
 from pipeline.train.runs import (CachedTeacher, OnlineTeacher, crop_spec, load_model, run_batches,
-                                train_student, train_teacher)
+                                train_student)
 from pipeline.store.dump import dump_logits
 from pipeline.train.losses import DistillationObjective
 from pipeline.train.priors import PreviousEpochPrior
@@ -28,39 +29,10 @@ from pipeline.store.tail import TAIL_STEP
 from pipeline.stream.views import CachedViews, StoredViews
 from pipeline.stream.loader import split_shards, train_loader
 from pipeline.train.loop import CHECKPOINT, load_checkpoint
-from test_stream import IMAGE_SIZE, SEED, prepare_tiny_shards, write_row_coded_store
+from helpers import DIGITS_CLASSES, IMAGE_SIZE, SEED, digits_params
+from helpers.stores import write_row_coded_store
 
-NUM_CLASSES = 10
-
-
-def tiny_params(logits=None, **student) -> Params:
-    """Params for the tiny run; `student` overrides keys of the student section, `logits` of
-    the logits section."""
-    train = {"arch": "resnet8", "image_size": IMAGE_SIZE, "epochs": 1, "batch_size": 32,
-             "workers": 0}
-    raw = {
-        "seed": SEED,
-        "teachers": {"teacher": train},
-        "augment": {"crop_scale": [0.35, 1.0], "flip_probability": 0.5},
-        "logits": {"views": 2, "topk": NUM_CLASSES, "image_size": IMAGE_SIZE, "batch_size": 64,
-                   "prior_temperatures": [1.0, 100.0], **(logits or {})},
-        "student": {**train, "teacher": "teacher", **student},
-        "evaluate": {"batch_size": 64},
-    }
-    return check_consistency(parse(Params, raw, ""))
-
-
-@pytest.fixture(scope="module")
-def stage_one(tmp_path_factory):
-    """(shards_dir, manifest, teacher checkpoint, store path) of a real tiny stage one."""
-    root = tmp_path_factory.mktemp("stage_one")
-    shards_dir, params = str(root / "shards"), tiny_params()
-    manifest = prepare_tiny_shards(shards_dir)
-    train_teacher(params, "teacher", shards_dir, str(root / "teacher"), str(root / "live"))
-    checkpoint = str(root / "teacher" / CHECKPOINT)
-    store_path = str(root / "teacher.zarr")
-    dump_logits(params, "teacher", shards_dir, checkpoint, store_path)
-    return shards_dir, manifest, checkpoint, store_path
+NUM_CLASSES = DIGITS_CLASSES
 
 
 def first_batch(shards_dir, manifest, params, store, epoch=0):
@@ -72,9 +44,9 @@ def first_batch(shards_dir, manifest, params, store, epoch=0):
     return next(iter(loader))
 
 
-def test_cached_and_online_teacher_give_the_same_loss(stage_one):
-    shards_dir, manifest, checkpoint, store_path = stage_one
-    params = tiny_params()
+def test_cached_and_online_teacher_give_the_same_loss(digits_stage_one):
+    shards_dir, manifest, checkpoint, store_path = digits_stage_one
+    params = digits_params()
     store = open_store(store_path, fingerprint=manifest["fingerprint"], seed=SEED,
                        teacher_sha256=file_sha256(checkpoint))
     assert (store.topk, store.num_classes, store.attributes["teacher_image_size"]) == (10, 10, 16)
@@ -98,7 +70,7 @@ def test_cached_and_online_teacher_give_the_same_loss(stage_one):
     student_logits = 3 * torch.randn(32, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
     labels = batch["labels"]
     for loss in ("kl", "ikl"):
-        objective = DistillationObjective(tiny_params(loss=loss).student)
+        objective = DistillationObjective(digits_params(loss=loss).student)
         from_cache = objective(student_logits, labels, cached, None)
         live = objective(student_logits, labels, online, None)
         for term in from_cache:
@@ -107,18 +79,18 @@ def test_cached_and_online_teacher_give_the_same_loss(stage_one):
 
 
 @pytest.fixture(scope="module")
-def top2_tail_store(stage_one, tmp_path_factory):
+def top2_tail_store(digits_stage_one, tmp_path_factory):
     """A dump of the stage-one teacher keeping the top-2 and the quantised tail."""
-    shards_dir, _, checkpoint, _ = stage_one
+    shards_dir, _, checkpoint, _ = digits_stage_one
     path = str(tmp_path_factory.mktemp("top2") / "top2_tail.zarr")
-    dump_logits(tiny_params(logits={"topk": 2, "tail": "quantized"}), "teacher", shards_dir,
+    dump_logits(digits_params(logits={"topk": 2, "tail": "quantized"}), "teacher", shards_dir,
                 checkpoint, path)
     return path
 
 
-def test_cached_quantized_tail_matches_the_online_teacher(stage_one, top2_tail_store):
-    shards_dir, manifest, checkpoint, _ = stage_one
-    params = tiny_params(logits={"topk": 2, "tail": "quantized"})
+def test_cached_quantized_tail_matches_the_online_teacher(digits_stage_one, top2_tail_store):
+    shards_dir, manifest, checkpoint, _ = digits_stage_one
+    params = digits_params(logits={"topk": 2, "tail": "quantized"})
     store = open_store(top2_tail_store, fingerprint=manifest["fingerprint"], seed=SEED,
                        teacher_sha256=file_sha256(checkpoint))
     assert (store.topk, store.tail, store.exact_logits) == (2, "quantized", True)
@@ -144,7 +116,7 @@ def test_cached_quantized_tail_matches_the_online_teacher(stage_one, top2_tail_s
     # The losses and their gradients follow (measured here: 0.7 % off in gradient).
     student_logits = 3 * torch.randn(32, NUM_CLASSES, generator=torch.Generator().manual_seed(0))
     for loss in ("kl", "ikl"):
-        objective = DistillationObjective(tiny_params(loss=loss).student)
+        objective = DistillationObjective(digits_params(loss=loss).student)
         gradients = []
         for targets in (cached, online):
             logits = student_logits.clone().requires_grad_()
@@ -159,9 +131,9 @@ def test_cached_quantized_tail_matches_the_online_teacher(stage_one, top2_tail_s
         assert relative < 2e-2, f"{loss}: gradient {relative:.5f} off"  # DESIGN: within 2 %
 
 
-def test_cached_teacher_gives_the_stored_prior_row_of_each_label(stage_one):
-    shards_dir, manifest, _, store_path = stage_one
-    params = tiny_params()
+def test_cached_teacher_gives_the_stored_prior_row_of_each_label(digits_stage_one):
+    shards_dir, manifest, _, store_path = digits_stage_one
+    params = digits_params()
     store = open_store(store_path)
     batch = first_batch(shards_dir, manifest, params, store)
     prior = store.class_prior(100.0)  # (C, C)
@@ -188,13 +160,13 @@ IKL_TERMS = {"kd", "kd_soft_ce", "kd_kl", "kd_wmse"}
     ({"loss": "kl", "views_per_decode": 2}, {"kd"}),
 ], ids=["ce", "kl", "ikl-sample", "ikl-class_prior", "ikl-previous-epoch-prior", "ikl-online",
         "kl-two-views"])
-def test_train_student_one_epoch_writes_checkpoint_and_metrics(stage_one, tmp_path, student,
-                                                               kd_terms):
-    shards_dir, manifest, checkpoint, store_path = stage_one
+def test_train_student_one_epoch_writes_checkpoint_and_metrics(digits_stage_one, tmp_path,
+                                                               student, kd_terms):
+    shards_dir, manifest, checkpoint, store_path = digits_stage_one
     uses_store = student["loss"] != "ce" and not student.get("online_teacher")
     if student["loss"] == "ce":  # CE needs neither the store nor the teacher
         store_path, checkpoint = str(tmp_path / "absent.zarr"), str(tmp_path / "absent.pt")
-    params = tiny_params(**student)
+    params = digits_params(**student)
     out, live = tmp_path / "student", tmp_path / "live"
     metrics = train_student(params, shards_dir, store_path, checkpoint, str(out), str(live))
 
@@ -221,9 +193,9 @@ def test_train_student_one_epoch_writes_checkpoint_and_metrics(stage_one, tmp_pa
     assert (live / "plots" / "metrics" / "train" / "loss.tsv").is_file()
 
 
-def test_train_student_refuses_a_store_of_another_dataset_or_teacher(stage_one, tmp_path):
-    shards_dir, manifest, checkpoint, store_path = stage_one
-    params = tiny_params(loss="kl")
+def test_train_student_refuses_a_store_of_another_dataset_or_teacher(digits_stage_one, tmp_path):
+    shards_dir, manifest, checkpoint, store_path = digits_stage_one
+    params = digits_params(loss="kl")
     other_teacher = tmp_path / "other_teacher.pt"
     state = load_checkpoint(checkpoint)
     state["epoch"] = 7  # any other bytes: another teacher as far as the store can tell
@@ -244,16 +216,16 @@ def test_train_student_refuses_a_store_of_another_dataset_or_teacher(stage_one, 
 
 def test_online_teacher_with_class_prior_weights_is_refused_before_training():
     with pytest.raises(ParamsError, match="student.online_teacher"):
-        tiny_params(loss="ikl", online_teacher=True,
+        digits_params(loss="ikl", online_teacher=True,
                     ikl={"weights": "class_prior", "weight_temperature": 1.0})
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("drop_last, sizes", [(False, [32, 32, 22]), (True, [32, 32])])
-def test_steps_per_epoch_is_exact_with_any_number_of_workers(stage_one, workers, drop_last,
-                                                             sizes):
-    shards_dir, manifest, _, _ = stage_one
-    params = tiny_params(loss="ce", workers=workers, drop_last=drop_last)
+def test_steps_per_epoch_is_exact_with_any_number_of_workers(digits_stage_one, workers,
+                                                             drop_last, sizes):
+    shards_dir, manifest, _, _ = digits_stage_one
+    params = digits_params(loss="ce", workers=workers, drop_last=drop_last)
     views = lambda epoch: CachedViews(params.seed, epoch, params.seed,  # noqa: E731
                                       params.logits.views, crop=crop_spec(params.augment))
     run = run_batches(params, params.student, manifest, shards_dir, "student", views)
@@ -265,10 +237,10 @@ def test_steps_per_epoch_is_exact_with_any_number_of_workers(stage_one, workers,
         assert [len(b["labels"]) for b in batches] == sizes
 
 
-def test_a_different_store_does_not_resume_the_student(stage_one, tmp_path):
+def test_a_different_store_does_not_resume_the_student(digits_stage_one, tmp_path):
     """A finished student rerun against a store with other top-k trains again from scratch."""
-    shards_dir, manifest, checkpoint, store_path = stage_one
-    params = tiny_params()
+    shards_dir, manifest, checkpoint, store_path = digits_stage_one
+    params = digits_params()
     out, live = str(tmp_path / "student"), str(tmp_path / "live")
     train_student(params, shards_dir, store_path, checkpoint, out, live)
     first = load_checkpoint(Path(out) / CHECKPOINT)["model"]
@@ -295,13 +267,13 @@ def view_prior(store, view, temperature):
     return torch.stack([probs[labels == c].mean(0) for c in range(NUM_CLASSES)])
 
 
-def test_previous_epoch_prior_is_uniform_then_last_epochs_class_means(stage_one, tmp_path,
-                                                                     monkeypatch):
+def test_previous_epoch_prior_is_uniform_then_last_epochs_class_means(digits_stage_one,
+                                                                     tmp_path, monkeypatch):
     """Official --GI: epoch 0 weighs with 1/C; epoch 1 with the per-class mean of
     softmax(t / T2) over epoch 0's crops (view 0 of every row: drop_last off, one rank)."""
-    shards_dir, manifest, checkpoint, store_path = stage_one
+    shards_dir, manifest, checkpoint, store_path = digits_stage_one
     temperature = 4.0  # not a stored prior temperature: this prior needs none
-    params = tiny_params(loss="ikl", epochs=2, drop_last=False, ikl={
+    params = digits_params(loss="ikl", epochs=2, drop_last=False, ikl={
         "weights": "class_prior", "prior": "previous_epoch", "weight_temperature": temperature,
         "gamma": 0.3, "normalize": True})
     used = []  # (labels, prior rows) of every step, in order
@@ -329,9 +301,9 @@ def test_previous_epoch_prior_is_uniform_then_last_epochs_class_means(stage_one,
                                atol=1e-6)
 
 
-def test_student_seed_sets_initial_weights_and_row_order_but_not_the_views(stage_one, tmp_path,
-                                                                           monkeypatch):
-    shards_dir, manifest, checkpoint, store_path = stage_one
+def test_student_seed_sets_initial_weights_and_row_order_but_not_the_views(
+        digits_stage_one, tmp_path, monkeypatch):
+    shards_dir, manifest, checkpoint, store_path = digits_stage_one
     started = {}  # student.seed -> (initial weights, epoch 0's batches concatenated)
 
     def start_only(model, run, out_dir, live_dir):
@@ -342,7 +314,7 @@ def test_student_seed_sets_initial_weights_and_row_order_but_not_the_views(stage
 
     monkeypatch.setattr(pipeline.train.runs, "fit", start_only)
     for seed in (None, SEED, SEED + 5):
-        train_student(tiny_params(loss="kl", seed=seed, drop_last=False), shards_dir,
+        train_student(digits_params(loss="kl", seed=seed, drop_last=False), shards_dir,
                       store_path, checkpoint, str(tmp_path / f"s{seed}"), str(tmp_path / "l"))
     default, same, other = (started[seed] for seed in (None, SEED, SEED + 5))
     for name, tensor in default[0].items():  # null: the global seed's weights and order

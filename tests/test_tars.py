@@ -10,7 +10,7 @@ from webdataset.tariterators import tar_file_expander
 
 from pipeline.data.shards import prepare_shards
 from pipeline.stream.tars import TarFormatError, tar_members
-from test_stream import tiny_data_params
+from helpers import digits_data_params
 
 
 def tarfile_members(data: bytes) -> list[tuple[str, bytes]]:
@@ -25,7 +25,7 @@ def direct_members(data: bytes) -> list[tuple[str, bytes]]:
 
 
 def test_the_projects_shards_read_as_tarfile_and_webdataset_read_them(tmp_path):
-    manifest = prepare_shards(tiny_data_params(), 0, tmp_path)
+    manifest = prepare_shards(digits_data_params(), 0, tmp_path)
     files = [tmp_path / shard["file"] for split in manifest["splits"].values()
              for shard in split["shards"]]
     assert len(files) >= 8

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pipeline.train.runs
-from helpers_stage_one import params_from, stage_one_data, with_changes  # noqa: F401
+from helpers import params_from, with_changes
 from pipeline.train.runs import train_teacher
 
 

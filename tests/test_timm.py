@@ -4,7 +4,7 @@ loop, loaded from its checkpoint, and filled from a timm state_dict (heads by ti
 import pytest
 import torch
 
-from helpers_stage_one import params_from, stage_one_data, with_changes  # noqa: F401
+from helpers import params_from, with_changes
 from pipeline.train.runs import load_model, train_teacher
 from pipeline.errors import UserError
 from pipeline.train.models import build_model, classifier_head, load_weights

@@ -12,8 +12,7 @@ from click.testing import CliRunner
 
 import pipeline.train.runs
 import pipeline.train.loop
-from helpers_stage_one import (  # noqa: F401 (fixtures)
-    TRAIN_ROWS, params_from, stage_one_data, with_changes, write_params_file)
+from helpers import TRAIN_ROWS, params_from, with_changes, write_params_file
 from pipeline.train.runs import load_model, train_teacher
 from pipeline.train.evaluate import evaluate_checkpoint
 from pipeline.params import TrainParams, to_dict

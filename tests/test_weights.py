@@ -9,7 +9,7 @@ import torch
 import torchvision
 from click.testing import CliRunner
 
-from helpers_stage_one import params_from, stage_one_data, with_changes  # noqa: F401
+from helpers import params_from, with_changes, write_params_file
 from pipeline.train.runs import load_model, train_teacher
 from pipeline.store.dump import dump_logits
 from pipeline.errors import UserError
@@ -21,7 +21,7 @@ from pipeline.stream.loader import eval_loader, split_shards
 from pipeline.train.loop import load_checkpoint
 from stages.train_teacher import main as train_teacher_stage
 
-NUM_CLASSES = 3  # the toy data of helpers_stage_one
+NUM_CLASSES = 3  # the image folder of helpers (CLASS_IMAGES)
 
 
 def torchvision_weights(path, num_classes=NUM_CLASSES, seed=1):
@@ -174,8 +174,6 @@ def test_classifier_heads():
 
 
 def test_train_stage_refuses_weights_outside_the_tracked_folder(stage_one_data, tmp_path):
-    from helpers_stage_one import write_params_file
-
     weights = tmp_path / "elsewhere.pth"
     torchvision_weights(weights)
     raw = with_changes(stage_one_data.raw, "teachers.teacher", arch="resnet18",

@@ -1,4 +1,4 @@
-"""Shared JPEG fixtures of the decode tests (test_decode.py: the CPU path; test_device_decode.py:
+"""JPEG helpers of the decode tests (test_decode.py: the CPU path; test_device_decode.py:
 the device path): textured pictures, a toy stage-one layout of them with an untrained teacher,
 and a dump spied on and replayed view by view."""
 
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import pipeline.store.dump
-from helpers_stage_one import CLASS_IMAGES, params_from, toy_raw_params, with_changes
+from helpers import CLASS_IMAGES, image_folder_raw_params, params_from, with_changes
 from pipeline.stream.augment import DECODE
 from pipeline.stream.device_decode import batch_pixels
 from pipeline.train.runs import crop_spec
@@ -40,9 +40,9 @@ def jpeg_sample(pixels: np.ndarray) -> dict:
 
 
 def jpeg_layout(root, *, seed: int, max_side: int, views: int, **student):
-    """The toy stage-one layout under `root` with textured JPEGs of 20..max_side px (sides drawn
-    from `seed`), prepared into shards, with an untrained resnet8 teacher checkpoint at SIZE px;
-    `student`: changes to the student section. Returns (params, manifest, checkpoint, raw)."""
+    """The image-folder toy layout under `root` with textured JPEGs of 20..max_side px (sides
+    drawn from `seed`), prepared into shards, with an untrained resnet8 teacher checkpoint at
+    SIZE px; `student`: changes to the student section. Returns (params, manifest, checkpoint, raw)."""
     rng = np.random.default_rng(seed)
     for name, count in CLASS_IMAGES.items():
         (root / "images" / name).mkdir(parents=True)
@@ -50,8 +50,8 @@ def jpeg_layout(root, *, seed: int, max_side: int, views: int, **student):
             height, width = (int(v) for v in rng.integers(20, max_side + 1, 2))
             Image.fromarray(textured(height, width, seed=index)).save(
                 root / "images" / name / f"{index:02d}.jpg", quality=90)
-    raw = with_changes(toy_raw_params(root / "images"), "logits", views=views, tail="none",
-                       batch_size=64)
+    raw = with_changes(image_folder_raw_params(root / "images"), "logits", views=views,
+                       tail="none", batch_size=64)
     if student:
         raw = with_changes(raw, "student", **student)
     params = params_from(raw)

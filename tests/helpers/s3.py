@@ -1,17 +1,16 @@
 """A real S3 API on 127.0.0.1 for the tests: moto's server mode (moto[server]), started once
-per test module that imports the `s3` fixture, with a fresh bucket per module.
+per test module that uses conftest's `s3` fixture, with a fresh bucket per module.
 
 The stages reach it as a user reaches S3: s3fs through fsspec, credentials and endpoint from
 botocore's standard environment variables (which subprocesses, torchrun's ranks included,
 inherit). Nothing leaves the machine.
 """
 
+import contextlib
 import logging
 import os
 import uuid
 from dataclasses import dataclass
-
-import pytest
 
 ENVIRONMENT = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
@@ -36,11 +35,11 @@ def fresh_s3fs():
     return s3fs.S3FileSystem()
 
 
-@pytest.fixture(scope="module")
-def s3():
+@contextlib.contextmanager
+def s3_server():
     """Start moto's S3 server on a free port of 127.0.0.1, point the AWS environment variables
-    at it (dummy credentials; no profile or config file is read), create a bucket; stop the
-    server and restore the environment after the module."""
+    at it (dummy credentials; no profile or config file is read), create a bucket; on exit stop
+    the server and restore the environment."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
