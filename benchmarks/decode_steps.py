@@ -1,7 +1,6 @@
 """The CPU path's steps, each against what it replaced, in one process, alternating:
 
-    python benchmarks/decode_steps.py                  # photo-like data of benchmarks/loader.py
-    python benchmarks/decode_steps.py --sizes 224 112 --rounds 7
+    python benchmarks/decode_steps.py --sizes 224 112 --rounds 3
 
 1. reading a tar shard into (name, bytes) members: webdataset's tarfile-based
    `tar_file_expander` vs pipeline.stream.tars.tar_members (us per member, whole shards from memory);
@@ -10,16 +9,15 @@
 3. one view's pixels from the encoded bytes: pipeline.stream.decode.SourceImage.crop (draft mode
    where the crop allows it) with Pillow's decode (before issue 24) vs simplejpeg's, view 0 of
    every train row, at each --sizes crop side; prints the share of drafted views.
-Data: the train shards of benchmarks/loader.py's photo-like set (run it once first; its cache
-is --work). Each round times every alternative once over all the data, in rotating order;
-figures are medians over --rounds rounds, ratios medians of per-round ratios. One process, one
-torch thread, timed by its CPU time (time.process_time): per-core costs that other jobs on a
-shared machine do not inflate.
+Data: the train shards of benchmarks/loader.py's photo-like set (made here if it is not in
+common.PHOTO_CACHE yet). Each round times every alternative once over all the data, in
+rotating order (common.alternate); figures are medians over --rounds rounds, ratios medians
+of per-round ratios. One process, one torch thread, timed by its CPU time: per-core costs that
+other jobs on a shared machine do not inflate.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import time
@@ -30,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_line, median  # noqa: E402
+from common import PHOTO_CACHE, alternate, load_line, median, parser, prepare  # noqa: E402
 
 
 def tar_alternatives(blobs: list[bytes]) -> dict:
@@ -96,16 +94,13 @@ def crop_alternatives(samples: list[dict], boxes, flips, size: int) -> dict:
 
 
 def race(alternatives: dict, rounds: int) -> dict:
-    """name -> per-round CPU microseconds per item, alternatives in rotating order."""
-    names = list(alternatives)
-    times = {name: [] for name in names}
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.process_time()  # CPU time: not inflated by other jobs' load
-            count = alternatives[name]()
-            times[name].append(1e6 * (time.process_time() - start) / count)
-    return times
+    """name -> per-round CPU microseconds per item (common.alternate's rotating order)."""
+    def timed(name: str) -> float:
+        start = time.process_time()  # CPU time: not inflated by other jobs' load
+        count = alternatives[name]()
+        return 1e6 * (time.process_time() - start) / count
+
+    return alternate(rounds, alternatives, timed)
 
 
 def report(times: dict, unit: str) -> None:
@@ -119,21 +114,18 @@ def report(times: dict, unit: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/ikl-distill-loader-photo/photo-40x25")
-    parser.add_argument("--max-side", type=int, default=0)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 112])
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    p = parser(__doc__, rounds=5)
+    p.add_argument("--max-side", type=int, default=0, help="the shards of this data.max_side")
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 112])
+    args = p.parse_args()
     torch.set_num_threads(1)
-    from pipeline.stream.augment import draft_scale, draw_views
     from pipeline.data.manifest import load_manifest
+    from pipeline.stream.augment import draft_scale, draw_views
     from pipeline.stream.decode import SourceImage
     from pipeline.stream.loader import read_shard, split_shards
 
-    shards_dir = Path(args.work) / f"shards-max{args.max_side}"
-    if not (shards_dir / "manifest.json").is_file():
-        sys.exit(f"{shards_dir}: not found; run benchmarks/loader.py first (it prepares it)")
+    _, _, shards_dir = prepare(Path(args.work or PHOTO_CACHE), "photo", 40, 25,
+                               max_side=args.max_side)
     shards = split_shards(str(shards_dir), load_manifest(str(shards_dir)), "train")
     blobs = [Path(shard.url).read_bytes() for shard in shards]
     samples = [sample for shard in shards for sample in read_shard(shard)]
