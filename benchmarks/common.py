@@ -9,9 +9,8 @@ over rounds, ratios medians of the per-round ratios (`median_ratio`); wall time 
 load average at the start and the end (`machine_line`). `--device cuda` runs a script's
 measurement on a GPU, synchronised at both ends of every clock (`sync`).
 
-Data: generated ImageFolders (structured synthetic JPEGs of 64..96 px, or photo-like JPEGs with
-ImageNet's sizes and bytes), prepared into shards by pipeline.data.shards like any user data, or
-the embedded digits-LT. Teachers: untrained, BatchNorm calibrated (a forward pass costs the same
+Data: generated ImageFolders of photo-like JPEGs (ImageNet's sizes and bytes, or small ones),
+prepared into shards by pipeline.data.shards like any user data, or the embedded digits-LT. Teachers: untrained, BatchNorm calibrated (a forward pass costs the same
 whatever the weights). The hierarchical teacher: realistic logits without images, for the store.
 """
 
@@ -204,22 +203,7 @@ def time_train_loaders(log: list, sync: Callable[[], None] = lambda: None) -> No
 # Data
 
 
-def synthetic_picture(rng: np.random.Generator, height: int, width: int, label: int):
-    """A small structured picture: the class's 4x4 colour layout (upsampled) and an ellipse in
-    its colour, jittered per image, plus texture noise: a small photo's JPEG size and decode
-    time, unlike white noise or flat colour."""
-    classes = np.random.default_rng([1, label])
-    layout, colour = classes.integers(0, 256, (4, 4, 3)), tuple(classes.integers(0, 256, 3))
-    jittered = np.clip(layout + rng.integers(-40, 41, layout.shape), 0, 255).astype(np.uint8)
-    image = Image.fromarray(jittered).resize((width, height), Image.Resampling.BICUBIC)
-    top, left = int(rng.integers(0, height // 2)), int(rng.integers(0, width // 2))
-    ImageDraw.Draw(image).ellipse((left, top, left + width // 2, top + height // 2),
-                                  fill=tuple(int(v) for v in colour))
-    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (height, width, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def photo_like(rng: np.random.Generator, height: int, width: int, label: int = 0):
+def photo_like(rng: np.random.Generator, height: int, width: int) -> Image.Image:
     """A photo-like picture: colour noise at four scales (3x3 .. 160x160 grids, bicubic), grain
     and a few sharp discs. At quality 90 a 300..500 px one takes about 100 KB, as ImageNet's
     photos do: decode time depends on the coefficients left after quantisation, which smooth
@@ -239,35 +223,34 @@ def photo_like(rng: np.random.Generator, height: int, width: int, label: int = 0
     return image
 
 
-PICTURES = {"synthetic": (synthetic_picture, 64, 96), "photo": (photo_like, 300, 500)}
+SIDES = {"photo": (300, 500), "small": (64, 96)}  # ImageNet's photos; small ones
 
 
-def _write_class(root: Path, kind: str, count: int, sides: tuple, label: int) -> None:
-    draw, _, _ = PICTURES[kind]
+def _write_class(root: Path, count: int, sides: tuple, label: int) -> None:
     rng = np.random.default_rng([0, label])  # per class: the same files for any process count
     folder = root / f"class_{label:04d}"
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         height, width = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
-        draw(rng, height, width, label).save(folder / f"{index:04d}.jpg", quality=90)
+        photo_like(rng, height, width).save(folder / f"{index:04d}.jpg", quality=90)
 
 
 def prepare(work: Path, kind: str, classes: int = 0, per_class: int = 0, *, max_side: int = 0,
             sides: tuple | None = None, shard_size: int = 256) -> tuple[dict, DataParams, Path]:
     """Shards of one data set under `work`, made once (a later run reuses them): "digits" (the
-    embedded digits-LT), or `classes` x (`per_class` train + 1 val + 1 test) generated JPEGs of
-    `kind` ("synthetic", "photo") with sides in `sides`, prepared with `data.max_side`
-    `max_side` (0 keeps the files' bytes). (manifest, its DataParams, the shards folder)."""
+    embedded digits-LT), or `classes` x (`per_class` train + 1 val + 1 test) photo-like JPEGs
+    with sides in `sides` (default SIDES[kind]: "photo" or "small"), prepared with
+    `data.max_side` `max_side` (0 keeps the files' bytes). (manifest, DataParams, shards)."""
     if kind == "digits":
         data, shards = DataParams(workers=0), work / "digits" / "shards"
     else:
-        sides = sides or PICTURES[kind][1:]
+        sides = sides or SIDES[kind]
         folder = work / f"{kind}-{classes}x{per_class}-{sides[0]}-{sides[1]}"
         images, shards = folder / "images", folder / f"shards-max{max_side}"
         if not images.is_dir():
             partial_dir = folder / "images.partial"  # renamed when complete: never short
             shutil.rmtree(partial_dir, ignore_errors=True)
-            write = partial(_write_class, partial_dir, kind, per_class + 2, sides)
+            write = partial(_write_class, partial_dir, per_class + 2, sides)
             # fork, before this process starts threads or CUDA
             with ProcessPoolExecutor(os.cpu_count(), mp_context=get_context("fork")) as pool:
                 list(pool.map(write, range(classes)))

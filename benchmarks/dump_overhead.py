@@ -1,6 +1,6 @@
 """Dump overhead: pipeline.store.dump.dump_logits vs the teacher's inference alone.
 
-    python benchmarks/dump_overhead.py --rounds 3     # digits-LT and synthetic JPEGs
+    python benchmarks/dump_overhead.py --rounds 3     # digits-LT and small JPEGs
 
 The dump reads every train shard, decodes each image once, draws its V views, crops them, runs
 the teacher (eval, no gradients, float32), keeps top-k, log-sum-exp and the class-prior sums,
@@ -36,7 +36,7 @@ DATASETS = {  # name -> data kind, classes, per class, teacher, crop side, V, to
     # params.yaml's teacher and logits sections on the embedded data
     "digits": ("digits", 0, 0, "resnet20", 32, 8, 10,
                {"crop_scale": [0.35, 1.0], "flip_probability": 0.0}),
-    "synthetic": ("synthetic", 100, 6, "resnet32", 64, 4, 10,
+    "small": ("small", 100, 6, "resnet32", 64, 4, 10,
                   {"crop_scale": [0.08, 1.0], "flip_probability": 0.5}),
 }
 

@@ -1,28 +1,15 @@
 """Student epoch cost: plain CE vs cached IKL-KD (m = 1, m = 2) vs online IKL-KD.
 
-    python benchmarks/epoch_cost.py --datasets synthetic --rounds 2
+    python benchmarks/epoch_cost.py --datasets small --rounds 2
     python benchmarks/epoch_cost.py --device cuda    # ResNet-50, 224 px, batch 256, bf16
 
-The same student, data, batch size and optimizer steps per epoch for every configuration. An
-epoch is N training samples (N = the train rows); with m = 2 views per decode one pass yields 2N
-samples, i.e. two epochs' worth, so its pass is timed per sample. The online teacher runs on the
-student's crops (its FLOPs are printed).
-
-What is timed: the real training loop, pipeline.train.runs.train_student -> fit, unchanged; its
-train loader is wrapped (common.time_train_loaders) to clock each epoch from the loader's
-creation to its exhaustion, synchronised on CUDA, so validation and checkpointing are left out.
-Each run trains --epochs epochs in a fresh child; the epochs after the first are measured, per
-sample, as wall time and as CPU time; a run's figure is its fastest measured epoch (other
-processes only add time). Configurations alternate, figures are medians over rounds, ratios
-medians of per-round ratios. The loader's own share is measured twice: the time the loop waits
-in the loader's next(), and the same loader alone, without a model (on CUDA each batch's pixels
-go onto the GPU through batch_pixels, the GPU decode path's nvJPEG included).
-
-On the CPU: resnet8 student, resnet32 teacher, batch 64, no DataLoader workers (reading and
-decoding run in the loop's process), on the embedded digits-LT (32 px) and on synthetic JPEGs of
-64..96 px (100 classes x 4) at 64 px. With --device cuda: ResNet-50 student and teacher at
-224 px, batch 256, bf16, 4 workers, `student.decode: gpu`, on 4,000 photo-like JPEGs of
-100 classes. Teachers untrained (BatchNorm calibrated); stores V = 4, top-10.
+The real training loop (train_student -> fit, unchanged) with its train loader wrapped
+(common.time_train_loaders) to clock each epoch from the loader's creation to its exhaustion,
+synchronised on CUDA; the same student, data and batch for every configuration; the epochs
+after a run's first are measured, per sample (m = 2 yields two samples a decode), by wall and CPU
+time, a run's figure its fastest measured epoch. The loader's share is measured twice: the
+loop's wait in its next(), and the same stream alone without a model (on CUDA its pixels go
+onto the GPU through batch_pixels). Setups in SETUPS and DATASETS; teachers untrained.
 """
 
 from __future__ import annotations
@@ -52,14 +39,14 @@ LABELS = {"plain": "plain CE", "cached": "cached IKL-KD, m = 1",
 LOADER_CONFIGS = ("plain", "cached", "cached_m2")  # the online run reads like plain
 SETUPS = {  # --device -> student, teacher, batch, workers, decode, data sets, epochs per run
     "cpu": dict(student="resnet8", teacher="resnet32", batch=64, workers=0, decode="auto",
-                datasets=("digits", "synthetic"), epochs=3),
+                datasets=("digits", "small"), epochs=3),
     "cuda": dict(student="resnet50", teacher="resnet50", batch=256, workers=4, decode="gpu",
                  datasets=("photo",), epochs=3)}
 WIDE = {"crop_scale": [0.08, 1.0], "crop_ratio": [0.75, 1.3333333], "flip_probability": 0.5}
 DATASETS = {  # name -> kind, classes, train images per class, crop side, augment, description
     "digits": ("digits", 0, 0, 32, {"crop_scale": [0.35, 1.0], "flip_probability": 0.0},
                "embedded digits-LT, 32 px PNG"),
-    "synthetic": ("synthetic", 100, 4, 64, WIDE, "synthetic JPEG 64..96 px, trained at 64 px"),
+    "small": ("small", 100, 4, 64, WIDE, "photo-like JPEG 64..96 px, trained at 64 px"),
     "photo": ("photo", 100, 40, 224, WIDE, "photo-like JPEG 300..500 px, trained at 224 px")}
 VIEWS, TOPK = 4, 10
 

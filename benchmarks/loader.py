@@ -2,32 +2,19 @@
 logits vs torchvision's ImageFolder reading files, beside the decode-only bounds.
 
     python benchmarks/loader.py --rounds 2              # photo-like JPEGs, 224 px
-    python benchmarks/loader.py --data synthetic        # small synthetic JPEGs, 64 px
+    python benchmarks/loader.py --data small            # small JPEGs, 64 px
     python benchmarks/loader.py --device cuda --workers 4 --classes 100 --per-class 50
-                                                        # also the GPU decode path
 
-Data (--data): photo-like JPEGs with ImageNet's sizes (common.photo_like: 300..500 px, about
-100 KB, 40 classes x 25 train images), crops of 224 px, each --max-side (default 0 256 320) its
-own prepare of the same files (0 keeps the files' bytes; else `data.max_side`); or synthetic
-JPEGs (100 classes x 30, 64..96 px), crops of 64 px. Batch 64, --workers DataLoader workers.
-- paired: pipeline.stream.loader.TrainStream replaying a logit store (dump_logits, V = 2,
-  top-10, a small teacher at 16 px: only the store's format matters here);
-- without logits: the same stream drawing the views a store would hold (CachedViews);
-- ImageFolder: torchvision's ImageFolder over the same train images, extracted from the shards
-  byte for byte, decoded by Pillow, cut by v2 RandomResizedCrop (bilinear, antialias) and
-  RandomHorizontalFlip, a new DataLoader each epoch (its default, worker start included);
-- decode-only bounds: every train image's bytes in memory, then the stream's own per-sample
-  work (header read, decode + crop + resize of one view) in a tight loop in one process, times
-  --workers: "Pillow" with the decode before simplejpeg (the goal's bound, issue 24), and
-  today's;
-- with --device cuda, every stream's batch goes through pipeline.stream.device_decode
-  .batch_pixels onto the GPU (synchronised), and "paired, GPU decode" is the paired stream
-  with `student.decode: gpu` (the workers ship the JPEG bytes; nvJPEG decodes, the GPU cuts).
-The streams are kept for the run (persistent workers), as a training run keeps them. Each run,
-in a fresh child, reads --epochs epochs; the first is warm-up. Samples per second and CPU time
-(main process and workers) per sample are medians over the other epochs, then over rounds,
-the kinds alternating; ratios are medians of per-round ratios, the goals judged by CPU time
-(on CUDA, the GPU path's by wall time).
+Data: photo-like JPEGs with ImageNet's sizes (40 classes x 25), crops of 224 px, one prepare per
+--max-side (0: the files' own bytes); or small ones (64..96 px), crops of 64 px. The kinds
+(LABELS): the paired stream replaying a logit store (V = 2, top-10); the same stream drawing
+the views a store would hold; torchvision's ImageFolder over the same files (Pillow, v2
+RandomResizedCrop + flip, a new DataLoader an epoch, its default); the stream's own decode +
+crop of one view per image in a tight loop, times --workers (with Pillow's decode: the goal's
+bound, issue 24; and today's). The streams are kept for the run (persistent workers). With
+--device cuda every batch goes onto the GPU through batch_pixels, and the paired stream also
+runs with `student.decode: gpu` (nvJPEG). Each run, in a fresh child, reads --epochs epochs,
+the first a warm-up; CPU time counts the main process and its workers; goals judged by CPU time.
 """
 
 from __future__ import annotations
@@ -56,7 +43,7 @@ LABELS = {"paired": "paired stream (images + logits)", "no_logits": "same stream
           "decode_bound": "decode-only bound x workers", "paired_gpu": "paired, GPU decode"}
 BOUNDS = ("pil_bound", "decode_bound")
 VIEWS, TOPK = 2, 10
-DEFAULTS = {"photo": (40, 25, 224), "synthetic": (100, 30, 64)}  # classes, per class, crop
+DEFAULTS = {"photo": (40, 25, 224), "small": (100, 30, 64)}  # classes, per class, crop
 AUGMENT = {"crop_scale": [0.08, 1.0], "crop_ratio": [0.75, 1.3333333], "flip_probability": 0.5}
 
 
@@ -94,8 +81,8 @@ def build(work: Path, args, max_side: int) -> Path:
 
 
 def describe(data: str, max_side: int) -> str:
-    if data == "synthetic":
-        return "synthetic JPEG 64..96 px"
+    if data == "small":
+        return "photo-like JPEG 64..96 px"
     return "photo-like JPEG 300..500 px, " + (
         f"re-encoded to max side {max_side}" if max_side else "files' own bytes")
 
@@ -238,9 +225,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2, help="epochs per run; the first is warm-up")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--classes", type=int, help="default: 40 photo, 100 synthetic")
+    p.add_argument("--classes", type=int, help="default: 40 photo, 100 small")
     p.add_argument("--per-class", type=int, help="train images per class (25 / 30)")
-    p.add_argument("--image-size", type=int, help="crop side (224 photo, 64 synthetic)")
+    p.add_argument("--image-size", type=int, help="crop side (224 photo, 64 small)")
     args = p.parse_args()
     for key, value in zip(("classes", "per_class", "image_size"), DEFAULTS[args.data]):
         if getattr(args, key) is None:

@@ -3,18 +3,13 @@
     python benchmarks/losses.py --rounds 5                 # B 128, C 1000, 1 thread: a minute
     python benchmarks/losses.py --device cuda --batch 256  # the same on a GPU
 
-Forward + backward time per step and peak memory of each loss: IKL-KD (the pure loss; with its
-logged terms, as the trainer's objective computes them; and with the teacher dequantised from
-a store's fields on the device, as the trainer gets it), KL-KD, and the pairwise form. Each
-measurement in a fresh child (common's harness), the fast ones alternating over --rounds
-rounds of --repeats steps after warm-up; wall time, CPU time and minor page faults per step,
-medians over rounds; ratios medians of per-round ratios. On CUDA each clock is synchronised;
-the goals are judged by CPU time on the CPU, by wall time on a GPU.
-Before timing, a child allocates and frees one 8 MiB tensor: glibc then raises its mmap/trim
-thresholds, as a training step's activations would, instead of returning the 0.5 MB loss
-buffers to the kernel after every step (hundreds of page faults a step, by luck of the order
-of frees). Memory: growth of the peak resident set (VmHWM; on CUDA the allocator's peak) over
-one forward + backward in a fresh process, kernels warmed up on a tiny batch first.
+Forward + backward time per step (wall, CPU, minor page faults) and peak memory of each loss
+(LOSSES), each in a fresh child, the fast ones alternating over --rounds rounds of --repeats
+steps; on CUDA every clock is synchronised and the goals are judged by wall time, on the CPU by
+CPU time. A child first allocates and frees 8 MiB, so glibc raises its trim threshold as a
+training step's activations would (else the loss's freed buffers go back to the kernel and
+every step pays hundreds of page faults, by luck of the order of frees). Memory: the peak
+resident set's (on CUDA the allocator's) growth over one step, kernels warmed up first.
 """
 
 from __future__ import annotations
