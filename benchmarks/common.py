@@ -10,8 +10,9 @@ load average at the start and the end (`machine_line`). `--device cuda` runs a s
 measurement on a GPU, synchronised at both ends of every clock (`sync`).
 
 Data: generated ImageFolders of photo-like JPEGs (ImageNet's sizes and bytes, or small ones),
-prepared into shards by pipeline.data.shards like any user data, or the embedded digits-LT. Teachers: untrained, BatchNorm calibrated (a forward pass costs the same
-whatever the weights). The hierarchical teacher: realistic logits without images, for the store.
+prepared into shards by pipeline.data.shards like any user data, or the embedded digits-LT.
+Teachers: untrained, BatchNorm calibrated (a forward pass costs the same whatever the weights).
+The hierarchical teacher: realistic logits without images, for the store benchmarks.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ def photo_like(rng: np.random.Generator, height: int, width: int) -> Image.Image
     for _ in range(6):
         x, y, r = (int(v) for v in (rng.integers(0, width), rng.integers(0, height),
                                     rng.integers(10, 80)))
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
     return image
 
 
