@@ -33,14 +33,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_line, make_params, prepare, raw_params, verdict, write_teacher_checkpoint  # noqa: E402
+from common import (load_line, make_params, prepare, raw_params, verdict,  # noqa: E402
+                    write_teacher_checkpoint)
 
 HERE = Path(__file__).resolve().parent
 FULL = dict(classes=8, per_class=8, sides=(300, 500), size=224, arch="resnet50", batch=16)
 SMOKE = dict(classes=6, per_class=4, sides=(48, 80), size=32, arch="resnet18", batch=8)
 LOSS_TOLERANCE = 1e-4  # relative, float32 on two devices: other reduction orders
 HAZARD_TRIALS = 10
-TIMINGS = [["loader.py", "--workers", "4", "--classes", "100", "--per-class", "50",
+TIMINGS = [["loader.py", "--workers", "4", "--classes", "100", "--per-class", "40",
             "--max-side", "0", "--epochs", "3", "--rounds", "2"],
            ["epoch_cost.py", "--rounds", "2"], ["losses.py", "--batch", "256", "--rounds", "3"]]
 
@@ -117,7 +118,8 @@ def decode_check(shards: Path, work: Path, settings: dict, device: torch.device)
              f"{decoder['centred_rms']:.3g} vs {store['centred_rms']:.3g}",
              decoder["centred_rms"] < store["centred_rms"]),
             ("decode_on_device never overwrites queued reads",
-             "not applicable off CUDA" if overwrites is None else f"{overwrites} trials", not overwrites)]
+             "not applicable off CUDA" if overwrites is None else f"{overwrites} trials",
+             not overwrites)]
 
 
 def decode_overwrites(payloads: list, device: torch.device) -> int | None:
@@ -167,7 +169,8 @@ def loss_check(device: torch.device) -> list:
             s = student.to(where).requires_grad_(True)
             value = loss(s, teacher.to(where))
             value.backward()
-            results[f"{name} value"], results[f"{name} gradient"] = value.detach().cpu(), s.grad.cpu()
+            results[f"{name} value"] = value.detach().cpu()
+            results[f"{name} gradient"] = s.grad.cpu()
         return results
 
     here, cpu = on(device), on(torch.device("cpu"))

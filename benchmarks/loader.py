@@ -3,7 +3,7 @@ logits vs torchvision's ImageFolder reading files, beside the decode-only bounds
 
     python benchmarks/loader.py --rounds 2              # photo-like JPEGs, 224 px
     python benchmarks/loader.py --data small            # small JPEGs, 64 px
-    python benchmarks/loader.py --device cuda --workers 4 --classes 100 --per-class 50
+    python benchmarks/loader.py --device cuda --workers 4 --classes 100 --per-class 40
 
 Data: photo-like JPEGs with ImageNet's sizes (40 classes x 25), crops of 224 px, one prepare per
 --max-side (0: the files' own bytes); or small ones (64..96 px), crops of 64 px. The kinds
