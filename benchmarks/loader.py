@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (PHOTO_CACHE, child_options, cpu_seconds, dataset_line, machine_line,  # noqa: E402
-                    make_params, median, parser, prepare, raw_params, run_child, setup, sync,
-                    verdict, write_teacher_checkpoint)
+from common import (PHOTO_CACHE, child_options, cpu_seconds, dataset_line,  # noqa: E402
+                    machine_line, make_params, median, parser, prepare, raw_params, run_child,
+                    setup, sync, verdict, write_teacher_checkpoint)
 
 GOALS = {"no_logits": 0.97, "image_folder": 1.3, "pil_bound": 0.8}  # paired / other, at least
 GPU_GOAL = 2500  # crops/s of the GPU decode path, at least
