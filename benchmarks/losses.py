@@ -9,7 +9,8 @@ steps; on CUDA every clock is synchronised and the goals are judged by wall time
 CPU time. A child first allocates and frees 8 MiB, so glibc raises its trim threshold as a
 training step's activations would (else the loss's freed buffers go back to the kernel and
 every step pays hundreds of page faults, by luck of the order of frees). Memory: the peak
-resident set's (on CUDA the allocator's) growth over one step, kernels warmed up first.
+resident set's (on CUDA the allocator's) growth over one step, from a peak reset just before
+it, kernels warmed up first.
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def memory_child(name: str, args, device) -> dict:
     """Peak-memory growth (bytes) of one forward + backward."""
     step(name, *inputs(name, 2, 8, device))  # kernels and threads loaded outside the window
     student, teacher = inputs(name, args.batch, args.classes, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:  # the peak resident set back to the current one: the inputs' making is not the step's
+        Path("/proc/self/clear_refs").write_text("5")
     before = peak_bytes(device)
     step(name, student, teacher)
     return {"peak_bytes": peak_bytes(device) - before}
