@@ -165,7 +165,7 @@ def loss_check(device: torch.device) -> list:
                                             basis.to(where))
         results = {"dequantised teacher": stored.cpu()}
         for name, loss in losses.items():
-            s = student.to(where).requires_grad_(True)
+            s = student.clone().to(where).requires_grad_(True)  # a new leaf on each call
             value = loss(s, teacher.to(where))
             value.backward()
             results[f"{name} value"] = value.detach().cpu()
