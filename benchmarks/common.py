@@ -174,9 +174,8 @@ class TimedBatches:
     def __iter__(self):
         self.sync()
         start, cpu = time.perf_counter(), cpu_seconds()
-        wait, steps, samples = 0.0, 0, 0
         iterator = iter(self.batches)
-        wait = time.perf_counter() - start
+        wait, steps, samples = time.perf_counter() - start, 0, 0
         while True:
             before = time.perf_counter()
             batch = next(iterator, None)
