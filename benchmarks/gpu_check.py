@@ -21,6 +21,7 @@ loader.py, epoch_cost.py and losses.py with --device cuda.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import subprocess
@@ -208,7 +209,9 @@ def stage_check(data, shards: Path, work: Path, settings: dict, device: torch.de
 
 
 def main() -> None:
-    smoke = "--smoke" in sys.argv[1:]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="the checks' code on the CPU")
+    smoke = p.parse_args().smoke
     if smoke:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA starts: every check on the CPU
     elif not torch.cuda.is_available():
