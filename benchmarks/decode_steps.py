@@ -1,25 +1,19 @@
-"""The CPU path's steps, each against what it replaced, in one process, alternating:
+"""The CPU path's steps, each against what it replaced, in one process:
 
-    python benchmarks/decode_steps.py                  # photo-like data of benchmarks/loader.py
-    python benchmarks/decode_steps.py --sizes 224 112 --rounds 7
+    python benchmarks/decode_steps.py --rounds 3
 
 1. reading a tar shard into (name, bytes) members: webdataset's tarfile-based
-   `tar_file_expander` vs pipeline.stream.tars.tar_members (us per member, whole shards from memory);
+   `tar_file_expander` vs pipeline.stream.tars.tar_members (whole shards from memory);
 2. the whole JPEG to RGB pixels by each libjpeg-turbo binding PyPI offers (Pillow, simplejpeg,
-   and imagecodecs / PyTurboJPEG where installed), after checking each gives Pillow's pixels;
-3. one view's pixels from the encoded bytes: pipeline.stream.decode.SourceImage.crop (draft mode
-   where the crop allows it) with Pillow's decode (before issue 24) vs simplejpeg's, view 0 of
-   every train row, at each --sizes crop side; prints the share of drafted views.
-Data: the train shards of benchmarks/loader.py's photo-like set (run it once first; its cache
-is --work). Each round times every alternative once over all the data, in rotating order;
-figures are medians over --rounds rounds, ratios medians of per-round ratios. One process, one
-torch thread, timed by its CPU time (time.process_time): per-core costs that other jobs on a
-shared machine do not inflate.
+   imagecodecs and PyTurboJPEG where installed), after checking each gives Pillow's pixels.
+(One view's decode + crop with Pillow and with simplejpeg is benchmarks/loader.py's pair of
+decode-only bounds.) Data: the photo-like shards of benchmarks/loader.py (made if missing).
+Alternatives alternate over --rounds rounds (common.alternate), timed by this process's CPU
+time, one torch thread: per-core costs that other jobs do not inflate.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import time
@@ -30,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_line, median  # noqa: E402
+from common import PHOTO_CACHE, alternate, load_line, median, parser, prepare  # noqa: E402
 
 
 def tar_alternatives(blobs: list[bytes]) -> dict:
@@ -81,31 +75,14 @@ def decoder_alternatives(samples: list[dict]) -> dict:
     return {name: timed(decoder) for name, decoder in decoders.items()}
 
 
-def crop_alternatives(samples: list[dict], boxes, flips, size: int) -> dict:
-    from pipeline.stream.decode import SourceImage
-
-    def view(turbo: bool):
-        def run():
-            for sample, box, flip in zip(samples, boxes, flips):
-                SourceImage(sample, turbo=turbo).crop(box, bool(flip), size)
-            return len(samples)
-        return run
-
-    return {f"Pillow (draft), {size} px": view(False),
-            f"simplejpeg (draft), {size} px": view(True)}
-
-
 def race(alternatives: dict, rounds: int) -> dict:
-    """name -> per-round CPU microseconds per item, alternatives in rotating order."""
-    names = list(alternatives)
-    times = {name: [] for name in names}
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.process_time()  # CPU time: not inflated by other jobs' load
-            count = alternatives[name]()
-            times[name].append(1e6 * (time.process_time() - start) / count)
-    return times
+    """name -> per-round CPU microseconds per item (common.alternate's rotating order)."""
+    def timed(name: str) -> float:
+        start = time.process_time()  # CPU time: not inflated by other jobs' load
+        count = alternatives[name]()
+        return 1e6 * (time.process_time() - start) / count
+
+    return alternate(rounds, alternatives, timed)
 
 
 def report(times: dict, unit: str) -> None:
@@ -119,39 +96,24 @@ def report(times: dict, unit: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/ikl-distill-loader-photo/photo-40x25")
-    parser.add_argument("--max-side", type=int, default=0)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 112])
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    p = parser(__doc__, rounds=5)
+    p.add_argument("--max-side", type=int, default=0, help="the shards of this data.max_side")
+    args = p.parse_args()
     torch.set_num_threads(1)
-    from pipeline.stream.augment import draft_scale, draw_views
     from pipeline.data.manifest import load_manifest
-    from pipeline.stream.decode import SourceImage
     from pipeline.stream.loader import read_shard, split_shards
 
-    shards_dir = Path(args.work) / f"shards-max{args.max_side}"
-    if not (shards_dir / "manifest.json").is_file():
-        sys.exit(f"{shards_dir}: not found; run benchmarks/loader.py first (it prepares it)")
+    _, _, shards_dir = prepare(Path(args.work or PHOTO_CACHE), "photo", 40, 25,
+                               max_side=args.max_side)
     shards = split_shards(str(shards_dir), load_manifest(str(shards_dir)), "train")
     blobs = [Path(shard.url).read_bytes() for shard in shards]
     samples = [sample for shard in shards for sample in read_shard(shard)]
-    sizes = [(image.height, image.width) for image in map(SourceImage, samples)]
-    boxes, flips = draw_views(0, 1, [s["meta"]["row"] for s in samples], *zip(*sizes))
     print(f"decode steps on {len(samples)} train rows of {shards_dir} "
           f"({sum(map(len, blobs)) / 2**20:.1f} MiB in {len(blobs)} shards), {load_line()}")
     print("1. tar members (name, bytes) from whole shards in memory:")
     report(race(tar_alternatives(blobs), args.rounds), "member")
     print("2. the whole JPEG decoded to RGB pixels, per binding of libjpeg-turbo:")
     report(race(decoder_alternatives(samples), args.rounds), "image")
-    for size in args.sizes:
-        scales = [draft_scale(box, h, w, size) for box, (h, w) in zip(boxes[0], sizes)]
-        shares = ", ".join(f"1/{s}: {np.mean(np.array(scales) == s):.0%}" for s in (1, 2, 4, 8))
-        print(f"3. SourceImage.crop of view 0 of every row at {size} px (header, decode at the "
-              f"view's draft scale, crop, resize; draft scale of the views: {shares}):")
-        report(race(crop_alternatives(samples, boxes[0], flips[0], size), args.rounds),
-               "view")
     print(load_line() + " (at the end)")
 
 

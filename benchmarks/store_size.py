@@ -3,15 +3,11 @@
     python benchmarks/store_size.py                       # about a minute on 2 CPU cores
     python benchmarks/store_size.py --workspace DIR       # also a dumped store's own figures
 
-Stores are written through the project's own writer (`create_store`, `write_tail_basis`,
-`write_shard`, Zarr v3 on disk, shards of 1,000 rows) from the hierarchical teacher's logits
-(`benchmarks/common.hierarchical_teacher`: 6 samples per class at C = 10, 100, 1000, one at
-iNaturalist's C = 8,142), with
-RandomResizedCrop boxes and flips drawn on images of 200-500 px sides (max_image_side 512, as
-ImageNet-LT re-encoded by `data.max_side: 512`). Bytes per view: every stored chunk of the
-per-view arrays (top-k, class ids, logsumexp, the tail, box and flip) divided by the views
-written, shard indexes included; the per-store tail basis is printed apart (it does not grow
-with the data). With --workspace, the same figures of DIR/data/logits/*.zarr as dumped.
+Stores written by the project's own writer (Zarr v3 on disk, shards of 1,000 rows) from the
+hierarchical teacher's logits (common.hierarchical_teacher) at C = 10, 100, 1000 and 8,142, with
+RandomResizedCrop boxes and flips of 200..500 px images (max_image_side 512). Bytes per view:
+every stored chunk of the per-view arrays, shard indexes included, divided by the views; the
+tail basis is printed apart (it does not grow with the data).
 """
 
 from __future__ import annotations

@@ -1,28 +1,16 @@
 """Top-k fidelity: how far IKL-KD and KL-KD move when the teacher comes from a logit store.
 
-    python benchmarks/topk_fidelity.py                          # the embedded run (C = 10)
-    python benchmarks/topk_fidelity.py --workspace DIR          # another dvc workspace, e.g.
-                                                                # the glyphs_lt preset's (C = 100)
+    python benchmarks/topk_fidelity.py --workspace DIR   # a dvc workspace after `dvc repro`
 
-For each store encoding, a batch of the teacher's full float32 logits (B, C) goes through the
-store's own encoder and decoder (`pipeline.store.encoding.encode_logits` -> `decode_logits`, the
-path `LogitStore.teacher_logits` takes, minus the lossless Zarr layer) and both losses are
-computed against the student with the decoded and with the original teacher. Printed: relative
-errors in percent of the loss |dL|/|L| and of its gradient wrt the student ||dg||/||g||
-(Frobenius, over the batch) for IKL-KD (alpha = beta = 1, T = 1, T2 = 100, sample-wise weights:
-the paper's R50 -> R50 setting), of the gradient of its wMSE term alone (alpha = 0), and of KL-KD
-(T = 1). Encodings: `tail: none` at k = 5, 20, 50 (the top-k exact, the rest filling the residual
-mass evenly) and `tail: quantized` at k = 5 (every class, one byte each).
-
-Teachers (how realistic: the script prints each one's accuracy and logit statistics):
-- workspace: a CNN teacher trained by the pipeline, on every stored view of its logit store
-  (each view replayed from its stored box and flip on the decoded train image), and students:
-  the CE baseline of the same workspace (`models/baseline`, an independently trained weaker
-  model) and the teacher's logits + N(0, 1).
-- hierarchical, C = 1000: a linear softmax head trained on random ReLU features of samples from
-  a 10 x 10 x 10 class hierarchy, and a weaker head as the second student
-  (`benchmarks/common.hierarchical_logits` says how they are made), and the same at
-  iNaturalist's C = 8,142 (`common.hierarchical_teacher`: 1,024 views held out from the fit).
+A batch of the teacher's full float32 logits (B, C) goes through the store's own encoder and
+decoder (encode_logits -> decode_logits: LogitStore.teacher_logits' path minus the lossless Zarr
+layer); printed are the relative errors, in percent, of the loss |dL|/|L| and of its gradient
+wrt the student ||dg||/||g|| for IKL-KD (alpha = beta = 1, T = 1, T2 = 100: the paper's R50 ->
+R50 setting), for its wMSE term's gradient alone, and for KL-KD (T = 1). Encodings: `tail:
+none` at k = 5, 20, 50 and `tail: quantized` at k = 5. Teachers: the workspace's CNN teacher on
+every stored view (replayed from the shards), with its CE baseline and the teacher + N(0, 1)
+as students; the hierarchical linear teacher (common.hierarchical_logits) at C = 1000 and at
+iNaturalist's 8,142, with a weaker head and the teacher + N(0, 1) as students.
 """
 
 from __future__ import annotations
@@ -30,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -40,7 +27,7 @@ import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from common import INATURALIST_CLASSES, hierarchical_teacher  # noqa: E402
+from common import INATURALIST_CLASSES, hierarchical_teacher, machine_line  # noqa: E402
 from pipeline.stream.augment import apply_view, normalize  # noqa: E402
 from pipeline.train.runs import load_model  # noqa: E402
 from pipeline.train.losses import ikl_kd_loss, kl_kd_loss  # noqa: E402
@@ -48,7 +35,7 @@ from pipeline.data.shards import file_sha256  # noqa: E402
 from pipeline.store import open_store  # noqa: E402
 from pipeline.store.encoding import decode_logits, encode_logits  # noqa: E402
 from pipeline.store.tail import TAIL_FIT_ROWS, fit_tail_basis, tail_components  # noqa: E402
-from pipeline.stream.decode import decode
+from pipeline.stream.decode import decode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IKL_OPTIONS = {"alpha": 1.0, "beta": 1.0, "temperature": 1.0, "weight_temperature": 100.0}
@@ -169,8 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-          f"IKL-KD {IKL_OPTIONS}, KL-KD T = 1")
+    print(f"{machine_line()}; IKL-KD {IKL_OPTIONS}, KL-KD T = 1")
     print("relative errors vs the full float32 teacher logits, loss |dL|/|L| and gradient wrt "
           "the student ||dg||/||g||, in percent; goals for tail = quantized: "
           + ", ".join(f"{name} < {goal}%" for name, goal in GOALS.items()))
