@@ -298,3 +298,23 @@ def test_train_teacher_stage_cli(stage_one_data, tmp_path):
     state = load(out / CHECKPOINT)
     assert state["epoch"] == 0 and state["params"]["train"]["epochs"] == 1
     assert (tmp_path / "results" / "teacher" / "metrics.json").is_file()
+
+
+def test_checkpoint_bytes_depend_on_the_values_only(tmp_path):
+    """Equal states save to the same bytes whichever equal strings are one object in memory
+    (pickle writes a repeated object as a back-reference): the sha256 that stores and
+    evaluations record must not change with how the params were parsed."""
+    from pipeline.train.checkpoints import save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    shared = "per_step"
+    first = {"model": model.state_dict(), "params": {"a": shared, "b": shared}}
+    second = {"model": model.state_dict(),
+              "params": {"a": "".join(["per_", "step"]), "b": "".join(["per", "_step"])}}
+    assert first["params"]["a"] is first["params"]["b"]
+    assert second["params"]["a"] is not second["params"]["b"]
+    # the same file name: torch.save names the archive's folder after it
+    save_checkpoint(tmp_path / "first" / "checkpoint.pt", first)
+    save_checkpoint(tmp_path / "second" / "checkpoint.pt", second)
+    assert ((tmp_path / "first" / "checkpoint.pt").read_bytes()
+            == (tmp_path / "second" / "checkpoint.pt").read_bytes())

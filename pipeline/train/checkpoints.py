@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 
@@ -35,9 +36,23 @@ def save_checkpoint(path: Path, state: dict) -> None:
     """Write `state` to `path` atomically: a crash mid-save never leaves a torn checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    state = {key: value for key, value in state.items() if key != INTEGRITY}  # a re-save
+    state = {key: _interned(value) for key, value in state.items() if key != INTEGRITY}
     torch.save({**state, INTEGRITY: state_digest(state)}, partial)
     os.replace(partial, path)
+
+
+def _interned(value):
+    """`value` with every string interned. Why: pickle writes a string met twice as the same
+    object as a back-reference, so without this the file's bytes (and the sha256 the stores and
+    evaluations record) would depend on which equal strings happen to be one object in memory,
+    not only on the values: the same run, parsed by other code, saved other bytes."""
+    if type(value) is str:
+        return sys.intern(value)
+    if type(value) is dict:  # plain containers only: a state_dict (OrderedDict) keeps its type
+        return {_interned(key): _interned(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_interned(item) for item in value)
+    return value
 
 
 def load_checkpoint(path: str | Path) -> dict:
