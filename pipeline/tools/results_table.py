@@ -16,11 +16,12 @@ seed identical to the workspace (the preset's own student or a teacher at the gl
 null seed is that seed, bit for bit) is read from the workspace's results, not rerun.
 
 The table: mean +- std (sample std, n - 1) over the seeds of test top-1, many / medium / few,
-ECE (15 bins, fraction), NLL (nats), and the median training wall and CPU time per epoch (the
-queue's runs share the machine: read times as that machine's, under that load). Then, for every
-pair of rows, the unpaired comparison (|mean a - mean b| > std a + std b) and the paired one:
-the rows of one seed share the initial weights and row order, so the per-seed differences
-a_s - b_s are compared, their mean +- std and whether |mean| exceeds their std.
+ECE (15 bins, fraction), NLL (nats), and the median over the seeds of each run's median wall
+and CPU time per epoch (the queue's runs share the machine: read times as that machine's,
+under that load). Then, for every pair of rows, the unpaired comparison (|mean a - mean b| >
+std a + std b) and the paired one: the rows of one seed share the initial weights and row
+order, so the per-seed differences a_s - b_s are compared, their mean +- std and whether |mean|
+exceeds their std.
 """
 
 from __future__ import annotations
@@ -252,13 +253,20 @@ def cell(values: list, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+def median_cell(values: list) -> str:
+    """The median over the seeds: the queue's runs share the machine with whatever else runs,
+    and one run under heavy load would pull a mean far off."""
+    values = [v for v in values if v is not None]
+    return f"{statistics.median(values):.0f}" if values else "–"
+
+
 def print_table(table: dict[str, dict[int, dict]]) -> None:
     print("| model (test) | seeds | top-1 % | many | medium | few | ECE | NLL "
           "| s / epoch (wall, CPU) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, runs in table.items():
         column = lambda m: [run.get(m) for run in runs.values()]  # noqa: E731
-        times = ", ".join(cell(column(t), 0).split(" ±")[0] for t in TIMES)
+        times = ", ".join(median_cell(column(t)) for t in TIMES)
         print(f"| {label} | {len(runs)} | "
               + " | ".join(cell(column(m), 3 if m in ("ece", "nll") else 1) for m in METRICS)
               + f" | {times} |")
