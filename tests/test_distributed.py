@@ -4,13 +4,12 @@ global batch and resuming after a kill."""
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 import zarr
 
-from helpers import TRAIN_ROWS, digits_params, write_params_file
+from helpers import KILLED_MID_SHARD_2, TRAIN_ROWS, digits_params, write_params_file
 from pipeline.store.dump import dump_logits
 from pipeline.params import to_dict
 from pipeline.store import open_store
@@ -74,27 +73,6 @@ def test_two_rank_dump_equals_the_single_process_dump(stage_one_data, teacher_ch
     two = tmp_path / "two.zarr"
     torchrun(*dump_args(data, teacher_checkpoint, params_file, two))
     assert_same_store(two, single_process_store)
-
-
-# Run the dump stage, but kill the rank writing shard 2 halfway through writing it: part of
-# its tail residuals land, then the process dies without cleanup (like SIGKILL).
-KILLED_MID_SHARD_2 = textwrap.dedent("""
-    import os, runpy, sys
-    import pipeline.store.dump
-
-    real_write_shard = pipeline.store.dump.write_shard
-
-    def write_shard(group, shard_index, **arrays):
-        if shard_index == 2:
-            group["tail_residuals"][:, 16:24] = 7
-            os._exit(17)
-        real_write_shard(group, shard_index, **arrays)
-
-    pipeline.store.dump.write_shard = write_shard
-    script, sys.argv = sys.argv[1], sys.argv[1:]
-    runpy.run_path(script, run_name="__main__")
-""")
-
 
 def test_two_rank_dump_killed_midway_resumes_to_the_single_process_store(
         stage_one_data, teacher_checkpoint, single_process_store, tmp_path):

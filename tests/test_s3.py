@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -20,7 +19,7 @@ from click.testing import CliRunner
 
 import pipeline.store.dump
 from helpers.s3 import fresh_s3fs
-from helpers import TRAIN_ROWS, params_from, with_changes, write_params_file
+from helpers import KILLED_MID_SHARD_2, TRAIN_ROWS, params_from, with_changes, write_params_file
 from pipeline.locks import LockedError, exclusive_writer
 from pipeline.store import open_store
 from pipeline.store.dump import dump_logits
@@ -56,27 +55,6 @@ def assert_same_store(found_url, expected_url):
     assert set(found) == set(expected) and {"tail_residuals", "tail_basis"} <= set(found)
     for name, values in expected.items():
         assert found[name].dtype == values.dtype and found[name].tobytes() == values.tobytes(), name
-
-
-# Under torchrun: the rank writing shard 2 dies halfway through it (part of its tail residuals
-# land, then os._exit, like SIGKILL: no cleanup, so rank 0's lock object stays on S3).
-KILLED_MID_SHARD_2 = textwrap.dedent("""
-    import os, runpy, sys
-    import pipeline.store.dump
-
-    real_write_shard = pipeline.store.dump.write_shard
-
-    def write_shard(group, shard_index, **arrays):
-        if shard_index == 2:
-            group["tail_residuals"][:, 16:24] = 7
-            os._exit(17)
-        real_write_shard(group, shard_index, **arrays)
-
-    pipeline.store.dump.write_shard = write_shard
-    script, sys.argv = sys.argv[1], sys.argv[1:]
-    runpy.run_path(script, run_name="__main__")
-""")
-
 
 def torchrun(*args, ok=True):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -13,6 +13,7 @@ in conftest.py; JPEG pictures in helpers.jpeg, hand-made logit stores in helpers
 """
 
 import copy
+import textwrap
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,3 +168,23 @@ class StageOneData:
     params: Params
     shards_dir: Path
     manifest: dict
+
+
+# A dump stage in which the rank writing shard 2 dies halfway through it: part of its tail
+# residuals land, then os._exit, like SIGKILL (no cleanup: its lock, on disk or on S3, stays).
+KILLED_MID_SHARD_2 = textwrap.dedent("""
+    import os, runpy, sys
+    import pipeline.store.dump
+
+    real_write_shard = pipeline.store.dump.write_shard
+
+    def write_shard(group, shard_index, **arrays):
+        if shard_index == 2:
+            group["tail_residuals"][:, 16:24] = 7
+            os._exit(17)
+        real_write_shard(group, shard_index, **arrays)
+
+    pipeline.store.dump.write_shard = write_shard
+    script, sys.argv = sys.argv[1], sys.argv[1:]
+    runpy.run_path(script, run_name="__main__")
+""")
